@@ -1,0 +1,3 @@
+"""vidiffuse: video diffusion from data to production."""
+
+__version__ = "0.1.0"

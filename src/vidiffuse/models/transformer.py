@@ -1,0 +1,166 @@
+"""VideoDiT: a diffusion transformer over (latent) video, in diffusers' model format.
+
+Input `(B, C, T, H, W)` is cut into 3-D patches; every token attends to every other token
+(joint spatio-temporal attention), then to the prompt's tokens (cross-attention). The timestep and the
+pooled prompt embedding modulate every block through adaLN-zero, as in DiT / SD3: the pooled
+embedding carries the global attributes (colour, background) from the first step of training, while
+cross-attention reads the finer ones from the individual words.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+def sincos_position_embedding(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Fixed 3-D sin-cos embedding, (T*H*W, dim): a third of the channels for each axis.
+
+    Fixed rather than learned: position is then known from step one, which matters when the
+    training budget is a few thousand steps.
+    """
+    per_axis = (dim // 6) * 2
+    freqs = 1.0 / (10000 ** (torch.arange(per_axis // 2, dtype=torch.float64) / (per_axis // 2)))
+    axes = [torch.arange(n, dtype=torch.float64) for n in grid]
+    mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    parts = []
+    for axis in range(3):
+        angles = mesh[:, axis : axis + 1] * freqs[None]
+        parts += [angles.sin(), angles.cos()]
+    emb = torch.cat(parts, dim=-1)
+    return F.pad(emb, (0, dim - emb.shape[-1])).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        # QK-norm keeps attention logits bounded; bf16 training is stable without tuning
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        b, n, d = x.shape
+        context = x if context is None else context
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        # weights cast to the activations' dtype so the fused bf16 kernel runs under autocast
+        q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+        k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), self.k_norm.eps)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(out.transpose(1, 2).reshape(b, n, d))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c, context, context_mask):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + self.cross_attn(self.norm2(x), context, context_mask)
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
+        return x
+
+
+class VideoDiT(ModelMixin, ConfigMixin):
+    """Text-conditioned video diffusion transformer predicting the flow-matching velocity."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        patch_size: tuple[int, int, int] = (2, 2, 2),
+        hidden_size: int = 256,
+        depth: int = 8,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        text_dim: int = 384,
+        sample_frames: int = 16,
+        sample_size: int = 8,
+    ):
+        super().__init__()
+        self.out_channels = out_channels or in_channels
+        self.patch_embed = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(256, hidden_size)
+        self.pooled_embed = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.context_norm = nn.LayerNorm(text_dim)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, text_dim, mlp_ratio) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(hidden_size, 2 * hidden_size)
+        self.proj_out = nn.Linear(hidden_size, math.prod(patch_size) * self.out_channels)
+        self.gradient_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # adaLN-zero: every block starts as the identity, and the output starts at zero
+        for block in self.blocks:
+            nn.init.zeros_(block.ada.weight)
+            nn.init.zeros_(block.ada.bias)
+            nn.init.zeros_(block.cross_attn.out.weight)
+        nn.init.zeros_(self.ada_out.weight)
+        nn.init.zeros_(self.proj_out.weight)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        b, _, t, h, w = hidden_states.shape
+        pt, ph, pw = self.config.patch_size
+        x = self.patch_embed(hidden_states)
+        grid = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = x + sincos_position_embedding(x.shape[-1], tuple(grid)).to(x)
+        timestep = timestep.expand(b) if timestep.ndim == 0 or timestep.shape[0] == 1 else timestep
+        c = self.time_embed(self.time_proj(timestep).to(x.dtype)) + self.pooled_embed(pooled_projections.to(x.dtype))
+        context = self.context_norm(encoder_hidden_states.to(x.dtype))
+        mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, context, mask, use_reentrant=False)
+            else:
+                x = block(x, c, context, mask)
+        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)
+        x = self.proj_out(modulate(self.norm_out(x), shift, scale))
+        gt, gh, gw = grid
+        x = x.view(b, gt, gh, gw, pt, ph, pw, self.out_channels)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.out_channels, gt * pt, gh * ph, gw * pw)
+        if not return_dict:
+            return (x,)
+        return Transformer2DModelOutput(sample=x)

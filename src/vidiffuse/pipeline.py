@@ -1,0 +1,195 @@
+"""Text → video: the one entry point that the CLI, the server and evaluation all call.
+
+prompt → text encoder → sampler ⟲ denoiser (latent space) → autoencoder decode → uint8 frames.
+
+A model directory ("bundle") is laid out like a diffusers pipeline:
+
+    model_index.json        frames, size, fps, text encoder, sampling defaults
+    transformer/            VideoDiT  (config.json + diffusion_pytorch_model.safetensors)
+    vae/                    AutoencoderKL (config.json + diffusion_pytorch_model.safetensors)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .diffusion.sampling import SAMPLERS, make_scheduler, sample
+from .errors import ConfigError, ModelLoadError
+from .text.encoders import TextEncoder, load_text_encoder
+from .video.io import frames_to_uint8
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+BUNDLED = {"shapes": WEIGHTS_DIR / "shapes"}
+DEFAULT_MODEL = "shapes"
+SAMPLING_DEFAULTS = {"steps": 20, "guidance": 4.0, "sampler": "unipc", "shift": 1.0}
+LIMITS = {"steps": (1, 500), "guidance": (0.0, 30.0), "frames": (2, 64), "prompt_chars": 1000}
+
+
+def vae_scale_factor(vae) -> int:
+    """How many pixels one latent cell spans per side (each encoder block but the last halves the size)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """A short name of a bundled model ('shapes') or a directory."""
+    if model is None:
+        model = DEFAULT_MODEL
+    path = BUNDLED.get(str(model), Path(model))
+    if not (path / "model_index.json").is_file():
+        known = ", ".join(BUNDLED)
+        raise ModelLoadError(f"no vidiffuse model at {path} (model_index.json missing); "
+                             f"give a model directory or one of: {known}")
+    return path
+
+
+@dataclass
+class VideoOutput:
+    frames: list[np.ndarray]  # per video, uint8 (T, H, W, 3)
+    videos: torch.Tensor  # (B, C, T, H, W) float in [-1, 1]
+    settings: list[dict]
+
+
+class VideoPipeline:
+    def __init__(self, transformer, vae, text_encoder: TextEncoder, frames: int = 16, size: int = 64, fps: int = 8,
+                 defaults: dict | None = None, name: str = "custom"):
+        self.transformer = transformer.eval()
+        self.vae = vae.eval()
+        self.text_encoder = text_encoder
+        self.frames, self.size, self.fps, self.name = frames, size, fps, name
+        self.defaults = {**SAMPLING_DEFAULTS, **(defaults or {})}
+        self._empty = None
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | None = None) -> "VideoPipeline":
+        from diffusers import AutoencoderKL
+
+        from .models.transformer import VideoDiT
+
+        path = resolve_model_path(model)
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+            transformer = VideoDiT.from_pretrained(path / "transformer")
+            vae = AutoencoderKL.from_pretrained(path / "vae")
+        except ModelLoadError:
+            raise
+        except Exception as e:  # diffusers raises OSError/ValueError/SafetensorError/JSON errors for bad files
+            raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        text_encoder = load_text_encoder(index.get("text_encoder", "minilm"), index.get("text_encoder_path"),
+                                         max_length=int(index.get("max_length", 24)))
+        return cls(transformer, vae, text_encoder, frames=index["frames"], size=index["size"], fps=index["fps"],
+                   defaults=index.get("defaults"), name=index.get("name", path.name))
+
+    def _validate(self, prompts: Sequence[str], steps: int, guidance: float, frames: int, sampler: str) -> None:
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise ConfigError("the prompt is empty")
+            if len(p) > LIMITS["prompt_chars"]:
+                raise ConfigError(f"the prompt is longer than {LIMITS['prompt_chars']} characters")
+        for key, value in (("steps", steps), ("guidance", guidance), ("frames", frames)):
+            lo, hi = LIMITS[key]
+            if not lo <= value <= hi:
+                raise ConfigError(f"{key} must be between {lo} and {hi}, got {value}")
+        pt = self.transformer.config.patch_size[0]
+        if frames % pt:
+            raise ConfigError(f"frames must be a multiple of {pt} for this model, got {frames}")
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+    def _encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        emb = self.text_encoder.encode(prompts)
+        return {"encoder_hidden_states": emb.tokens, "encoder_attention_mask": emb.mask, "pooled_projections": emb.pooled}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        seed: int | Sequence[int] = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        frames: int | None = None,
+        batch_size: int = 8,
+        progress: bool = True,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> VideoOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = [int(seed)] * len(prompts) if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != len(prompts):
+            raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        steps = int(self.defaults["steps"] if steps is None else steps)
+        guidance = float(self.defaults["guidance"] if guidance is None else guidance)
+        sampler = str(self.defaults["sampler"] if sampler is None else sampler)
+        frames = int(self.frames if frames is None else frames)
+        self._validate(prompts, steps, guidance, frames, sampler)
+        side = self.size // vae_scale_factor(self.vae)
+        latent_shape = (self.vae.config.latent_channels, frames, side, side)
+        total = len(prompts) * steps
+        done_before = 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="generate", unit="step", leave=False)
+        videos = []
+        for start in range(0, len(prompts), batch_size):
+            chunk, chunk_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
+            # one generator per video: a video depends on its own seed, not on its batch-mates
+            noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in chunk_seeds])
+            with torch.autocast("cpu", torch.bfloat16):
+                cond = self._encode_text(chunk)
+                if self._empty is None:
+                    self._empty = self._encode_text([""])
+                uncond = {k: v.expand(len(chunk), *v.shape[1:]) for k, v in self._empty.items()}
+
+                def report(i: int, n: int, base: int = done_before, k: int = len(chunk)) -> None:
+                    if bar is not None:
+                        bar.n = min(total, base + i * k)
+                        bar.refresh()
+                    if callback is not None:
+                        callback(base // k + i if k else i, total // max(k, 1))
+
+                latents = sample(self.transformer, noise, cond, uncond, make_scheduler(sampler, float(self.defaults["shift"])),
+                                 steps, guidance, callback=report)
+                videos.append(self.decode(latents))
+            done_before += steps * len(chunk)
+        if bar is not None:
+            bar.close()
+        video = torch.cat(videos)
+        frames_u8 = [frames_to_uint8(v) for v in video]
+        settings = [{"prompt": p, "seed": s, "steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames,
+                     "model": self.name} for p, s in zip(prompts, seeds)]
+        return VideoOutput(frames_u8, video, settings)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, c, T, h, w) → video (B, 3, T, H, W) in [-1, 1], frame by frame."""
+        b, c, t, h, w = latents.shape
+        z = latents.transpose(1, 2).reshape(b * t, c, h, w) / self.vae.config.scaling_factor
+        x = self.vae.decode(z.to(torch.float32)).sample.float().clamp(-1, 1)
+        return x.view(b, t, 3, *x.shape[-2:]).transpose(1, 2)
+
+
+def save_bundle(out: Path, transformer, vae, text_encoder: TextEncoder, frames: int, size: int, fps: int = 8,
+                defaults: dict | None = None, name: str | None = None, extra: dict | None = None) -> Path:
+    """Write a model directory atomically (temp dir, then rename)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    transformer.save_pretrained(tmp / "transformer")
+    vae.save_pretrained(tmp / "vae")
+    index = {"_class_name": "VideoPipeline", "name": name or out.name, "frames": frames, "size": size, "fps": fps,
+             "text_encoder": text_encoder.name, "max_length": text_encoder.max_length,
+             "defaults": {**SAMPLING_DEFAULTS, **(defaults or {})}, **(extra or {})}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,107 @@
+"""Training data: what each training task reads, built once and cached as safetensors.
+
+- autoencoder: individual frames (the autoencoder works frame by frame);
+- denoiser: latent clips (frames encoded by the trained autoencoder) with their prompts' text
+  embeddings, so a training step spends its time on the denoiser, not on re-encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..data import shapes
+
+
+def _clip_source(data_cfg: dict, frames: int, size: int):
+    """Yields (uint8 video (T,H,W,3), caption) pairs for the configured source."""
+    kind = data_cfg.get("kind", "shapes")
+    n = int(data_cfg["num_clips"])
+    seed = int(data_cfg.get("seed", 0))
+    if kind == "shapes":
+        drop = float(data_cfg.get("caption_drop_prob", 0.15))
+        for i in range(n):
+            rng = np.random.default_rng([seed, i, 0x5EED])
+            spec = shapes.sample_clip_spec(rng, frames, size)
+            video = shapes.render_clip(spec, frames, size)
+            captions = [shapes.sample_caption(spec, rng, drop) for _ in range(int(data_cfg.get("captions_per_clip", 1)))]
+            yield video, captions
+    elif kind == "folder":
+        from ..data.folder import VideoFolderDataset
+        from ..video.io import frames_to_uint8
+
+        ds = VideoFolderDataset(data_cfg["root"], data_cfg.get("captions"), frames=frames, size=size,
+                                fps=int(data_cfg.get("fps", shapes.FPS)), seed=seed)
+        for i in range(n):
+            item = ds[i % len(ds)]
+            if i and i % len(ds) == 0:
+                ds.set_epoch(i // len(ds))
+            yield frames_to_uint8(item["video"]), [item["caption"]]
+    else:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown data kind {kind!r} (expected 'shapes' or 'folder')")
+
+
+def _cache_path(cache_dir: Path, tag: str, spec: dict) -> Path:
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{tag}-{key}.safetensors"
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    tmp.replace(path)
+
+
+def frame_pool(data_cfg: dict, frames: int, size: int, cache_dir: Path) -> torch.Tensor:
+    """All frames of the configured clips, uint8 (N, 3, H, W)."""
+    path = _cache_path(cache_dir, "frames", {**data_cfg, "frames": frames, "size": size})
+    if path.exists():
+        return load_file(path)["frames"]
+    videos = [v for v, _ in tqdm(_clip_source(data_cfg, frames, size), total=int(data_cfg["num_clips"]), desc="frames")]
+    pool = torch.from_numpy(np.concatenate(videos)).permute(0, 3, 1, 2).contiguous()
+    _save_atomic({"frames": pool}, path)
+    return pool
+
+
+@torch.no_grad()
+def latent_dataset(data_cfg: dict, frames: int, size: int, vae, text_encoder, cache_dir: Path,
+                   vae_id: str, batch: int = 32) -> dict[str, torch.Tensor]:
+    """Latent clips (N, C, T, h, w) and, per caption, token embeddings, masks and pooled embeddings.
+
+    `caption_clip[j]` is the clip that caption j describes (a clip may have several captions).
+    """
+    path = _cache_path(cache_dir, "latents", {**data_cfg, "frames": frames, "size": size, "vae": vae_id,
+                                              "text": text_encoder.name, "L": text_encoder.max_length})
+    if path.exists():
+        return load_file(path)
+    latents, tokens, masks, pooled, owner = [], [], [], [], []
+    n = int(data_cfg["num_clips"])
+    source = _clip_source(data_cfg, frames, size)
+    with tqdm(total=n, desc="encode clips") as bar, torch.autocast("cpu", torch.bfloat16):
+        while bar.n < n:
+            chunk = [next(source) for _ in range(min(batch, n - bar.n))]
+            x = torch.from_numpy(np.stack([v for v, _ in chunk])).float().div(127.5).sub(1)  # B,T,H,W,3
+            b, t = x.shape[:2]
+            x = x.permute(0, 1, 4, 2, 3).reshape(b * t, 3, size, size)
+            z = vae.encode(x).latent_dist.mode().float() * vae.config.scaling_factor
+            latents.append(z.view(b, t, *z.shape[1:]).transpose(1, 2).to(torch.bfloat16))
+            caps = [c for _, cs in chunk for c in cs]
+            owner += [bar.n + i for i, (_, cs) in enumerate(chunk) for _ in cs]
+            emb = text_encoder.encode(caps)
+            tokens.append(emb.tokens.to(torch.bfloat16))
+            masks.append(emb.mask)
+            pooled.append(emb.pooled.to(torch.bfloat16))
+            bar.update(len(chunk))
+    data = {"latents": torch.cat(latents), "tokens": torch.cat(tokens), "mask": torch.cat(masks),
+            "pooled": torch.cat(pooled), "caption_clip": torch.tensor(owner)}
+    _save_atomic(data, path)
+    return data

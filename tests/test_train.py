@@ -1,0 +1,156 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, tiny_vae
+from vidiffuse.train.trainer import train
+
+AE_CONFIG = """
+[run]
+task = "autoencoder"
+out_dir = "{out}"
+steps = {steps}
+batch_size = 4
+lr = 1e-3
+warmup = 2
+checkpoint_every = {ckpt}
+eval_every = 1000
+log_every = 1
+[data]
+kind = "shapes"
+num_clips = 4
+[model]
+block_out_channels = [8, 8, 8, 8]
+norm_num_groups = 4
+"""
+
+DIT_CONFIG = """
+[run]
+task = "denoiser"
+out_dir = "{out}"
+steps = {steps}
+batch_size = 4
+lr = 1e-3
+warmup = 1
+checkpoint_every = 1000
+eval_every = 1000
+eval_prompts = 2
+log_every = 1
+precision = "{precision}"
+[autoencoder]
+path = "{vae}"
+[data]
+kind = "shapes"
+num_clips = 8
+[model]
+hidden_size = 32
+depth = 2
+num_heads = 2
+[sampling]
+steps = 2
+"""
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=1.0)
+    vae.save_pretrained(path)
+    return path
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = write(tmp_path / "a.toml", AE_CONFIG.format(out=tmp_path / "a", steps=4, ckpt=2))
+    split = write(tmp_path / "b.toml", AE_CONFIG.format(out=tmp_path / "b", steps=4, ckpt=2))
+    train(straight)
+    train(split, max_steps=2)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
+    with pytest.raises(Exception, match="--resume"):
+        train(split)  # refuses to silently overwrite a run
+    train(split, resume=True)
+    a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    # the exported model is a diffusers AutoencoderKL with a latent scaling factor
+    config = json.loads((tmp_path / "a" / "model" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and config["scaling_factor"] > 0
+
+
+def test_resume_after_kill_9(tmp_path):
+    """A run killed with SIGKILL resumes from its last checkpoint and ends with the same weights."""
+    steps = 8
+    ref = write(tmp_path / "ref.toml", AE_CONFIG.format(out=tmp_path / "ref", steps=steps, ckpt=1))
+    train(ref)
+    cfg = write(tmp_path / "k.toml", AE_CONFIG.format(out=tmp_path / "k", steps=steps, ckpt=1))
+    proc = subprocess.Popen([sys.executable, "-m", "vidiffuse.cli", "train", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "k" / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["step"] >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert 2 <= killed_at < steps, "the run finished before it could be killed"
+    assert run_cli("train", "--config", cfg, "--resume").returncode == 0
+    a = load_file(tmp_path / "ref" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "k" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_denoiser_trains_and_exports_a_bundle(tmp_path, vae_dir):
+    from vidiffuse.pipeline import VideoPipeline
+
+    cfg = write(tmp_path / "d.toml", DIT_CONFIG.format(out=tmp_path / "d", steps=30, vae=vae_dir, precision="bf16"))
+    bundle = train(cfg)
+    curve = losses(tmp_path / "d")
+    assert len(curve) == 30 and sum(curve[-5:]) < sum(curve[:5])  # it learns
+    metrics = [json.loads(l) for l in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval" in m and "acc_color" in m["eval"] for m in metrics)
+    out = VideoPipeline.from_pretrained(bundle)("a red circle", progress=False)
+    assert out.frames[0].shape == (16, 64, 64, 3)
+
+
+def test_ddp_two_processes_match_one(tmp_path, vae_dir):
+    """torchrun with 2 gloo processes gives the same loss curve as 1 process at the same global batch."""
+    one = write(tmp_path / "one.toml", DIT_CONFIG.format(out=tmp_path / "one", steps=5, vae=vae_dir, precision="fp32"))
+    two = write(tmp_path / "two.toml", DIT_CONFIG.format(out=tmp_path / "two", steps=5, vae=vae_dir, precision="fp32"))
+    train(one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vidiffuse.cli", "train", "--config", str(two)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    a = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_bad_configs(tmp_path):
+    from vidiffuse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        train(write(tmp_path / "x.toml", "[run\n"))
+    with pytest.raises(ConfigError, match="task"):
+        train(write(tmp_path / "y.toml", '[run]\ntask = "nope"\nout_dir = "o"\n'))
+    with pytest.raises(ConfigError, match="steps"):
+        train(write(tmp_path / "z.toml", AE_CONFIG.format(out=tmp_path / "z", steps=0, ckpt=1)))
