@@ -154,3 +154,16 @@ def test_bad_configs(tmp_path):
         train(write(tmp_path / "y.toml", '[run]\ntask = "nope"\nout_dir = "o"\n'))
     with pytest.raises(ConfigError, match="steps"):
         train(write(tmp_path / "z.toml", AE_CONFIG.format(out=tmp_path / "z", steps=0, ckpt=1)))
+
+
+def test_denoiser_trains_on_a_folder_of_videos(tmp_path, vae_dir):
+    """Real-footage path: `data synth` output read back as an ordinary folder dataset, with a corrupt file."""
+    from vidiffuse.data.shapes import synthesize
+
+    root = synthesize(tmp_path / "videos", 4, seed=5, progress=False)
+    (root / "000001.mp4").write_bytes(b"not a video")
+    cfg = DIT_CONFIG.format(out=tmp_path / "f", steps=3, vae=vae_dir, precision="bf16")
+    cfg = cfg.replace('kind = "shapes"\nnum_clips = 8', f'kind = "folder"\nroot = "{root}"\nnum_clips = 6')
+    bundle = train(write(tmp_path / "f.toml", cfg))
+    assert len(losses(tmp_path / "f")) == 3
+    assert (bundle / "model_index.json").exists()

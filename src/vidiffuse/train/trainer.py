@@ -158,12 +158,6 @@ class DenoiserTask:
         return flow_matching_loss(model, x0, noise, t, encoder_hidden_states=tokens, encoder_attention_mask=mask,
                                   pooled_projections=pooled)
 
-    def bundle(self, ema, out: Path) -> Path:
-        from ..pipeline import save_bundle
-
-        return save_bundle(out, transformer=ema, vae=self.vae, text_encoder=self.text_encoder,
-                           frames=self.frames, size=self.size, defaults=self.cfg.get("sampling", {}))
-
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         from ..pipeline import VideoPipeline
@@ -176,7 +170,10 @@ class DenoiserTask:
         return {f"acc_{a}": float(np.mean([r[a] == tr[a] for r, tr in zip(readings, truth)])) for a in shapes.ATTRIBUTES}
 
     def export(self, ema, out: Path) -> None:
-        self.bundle(ema, out)
+        from ..pipeline import save_bundle
+
+        save_bundle(out, transformer=ema, vae=self.vae, text_encoder=self.text_encoder, frames=self.frames,
+                    size=self.size, defaults=self.cfg.get("sampling", {}))
 
 
 def eval_prompts(n: int, seed: int = 1234) -> tuple[list[str], list[dict]]:
@@ -226,6 +223,8 @@ def train(config_path: str | Path, resume: bool = False, max_steps: int | None =
     if resume and has_checkpoint(ckpt_dir):
         start = load_checkpoint(ckpt_dir, model, ema, optimizer)["step"]
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if run.get("compile", False):
+        ddp_model = torch.compile(ddp_model)
     n_examples = task.num_examples
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=run["precision"] == "bf16")
     metrics_path = out / "metrics.jsonl"

@@ -1,0 +1,29 @@
+"""The shipped `shapes` model: it loads by its short name and its videos show what the prompt asks."""
+
+import numpy as np
+
+from vidiffuse.data import shapes
+from vidiffuse.pipeline import BUNDLED, VideoPipeline, resolve_model_path
+
+PROMPTS = [
+    ("a large red circle moving right on a black background", dict(size="large", color="red", shape="circle", direction="right", background="black")),
+    ("small blue square sliding to the left over white", dict(size="small", color="blue", shape="square", direction="left", background="white")),
+    ("a big yellow triangle rising on a gray background", dict(size="large", color="yellow", shape="triangle", direction="up", background="gray")),
+    ("a tiny green circle falling against a black backdrop", dict(size="small", color="green", shape="circle", direction="down", background="black")),
+    ("a large purple square standing still on white", dict(size="large", color="purple", shape="square", direction="still", background="white")),
+    ("a small orange triangle moving right over gray", dict(size="small", color="orange", shape="triangle", direction="right", background="gray")),
+    ("a big blue circle moving up on a white background", dict(size="large", color="blue", shape="circle", direction="up", background="white")),
+    ("a small red square moving down on black", dict(size="small", color="red", shape="square", direction="down", background="black")),
+]
+
+
+def test_bundled_model_is_the_default_and_follows_prompts():
+    assert resolve_model_path(None) == resolve_model_path("shapes") == BUNDLED["shapes"]
+    pipe = VideoPipeline.from_pretrained()
+    out = pipe([p for p, _ in PROMPTS], seed=list(range(len(PROMPTS))), progress=False)
+    readings = [shapes.analyze_video(v) for v in out.frames]
+    for attribute in shapes.ATTRIBUTES:
+        accuracy = np.mean([r[attribute] == truth[attribute] for r, (_, truth) in zip(readings, PROMPTS)])
+        assert accuracy >= 0.75, (attribute, accuracy, readings)
+    # the object keeps its colour, shape and size over time
+    assert np.mean([r["stability"]["color"] for r in readings]) > 0.9
