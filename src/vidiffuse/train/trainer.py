@@ -60,6 +60,12 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _rng(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]))
 
@@ -135,7 +141,7 @@ class DenoiserTask:
         self.text_encoder = load_text_encoder(text.get("encoder", "minilm"), text.get("path"),
                                               max_length=int(text.get("max_length", 24)))
         self.data = latent_dataset(data, self.frames, self.size, self.vae, self.text_encoder,
-                                   out_dir.parent / "cache", vae_id=str(vae_path.resolve()))
+                                   out_dir.parent / "cache", vae_id=_file_sha256(vae_path / "diffusion_pytorch_model.safetensors"))
         self.num_examples = len(self.data["caption_clip"])
         self.empty = self.text_encoder.encode([""])
         self.model = VideoDiT(in_channels=self.vae.config.latent_channels, text_dim=self.text_encoder.dim,
