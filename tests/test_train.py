@@ -167,3 +167,25 @@ def test_denoiser_trains_on_a_folder_of_videos(tmp_path, vae_dir):
     bundle = train(write(tmp_path / "f.toml", cfg))
     assert len(losses(tmp_path / "f")) == 3
     assert (bundle / "model_index.json").exists()
+
+
+def test_compact_checkpoint_resumes(tmp_path):
+    """The bf16 checkpoint committed for later sittings loads with --resume and continues the same run."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from compact_checkpoint import main as compact
+
+    straight = write(tmp_path / "a.toml", AE_CONFIG.format(out=tmp_path / "a", steps=6, ckpt=3))
+    train(straight)
+    split = write(tmp_path / "b.toml", AE_CONFIG.format(out=tmp_path / "b", steps=6, ckpt=3))
+    train(split, max_steps=3)
+    compact(tmp_path / "b" / "checkpoint", tmp_path / "compact")
+    assert load_file(tmp_path / "compact" / "model.safetensors")["decoder.conv_out.weight"].dtype == torch.bfloat16
+    shutil.rmtree(tmp_path / "b" / "checkpoint")
+    shutil.copytree(tmp_path / "compact", tmp_path / "b" / "checkpoint")
+    train(split, resume=True)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(b) == 6 and b[3:] == pytest.approx(a[3:], rel=2e-2)
+    final = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    assert final["decoder.conv_out.weight"].dtype == torch.float32
