@@ -16,18 +16,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vidiffuse.files import atomic_directory
+
 
 def main(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("model", "ema", "optimizer"):
-        tensors = load_file(src / f"{name}.safetensors")
-        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() and v.ndim else v for k, v in tensors.items()},
-                  tmp / f"{name}.safetensors")
-    shutil.copy(src / "state.json", tmp / "state.json")
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    with atomic_directory(dst) as tmp:
+        for name in ("model", "ema", "optimizer"):
+            tensors = load_file(src / f"{name}.safetensors")
+            save_file({k: v.to(torch.bfloat16) if v.is_floating_point() and v.ndim else v for k, v in tensors.items()},
+                      tmp / f"{name}.safetensors")
+        shutil.copy(src / "state.json", tmp / "state.json")
     print(f"{src} -> {dst}: {sum(f.stat().st_size for f in dst.iterdir()) / 1e6:.0f} MB")
 
 

@@ -12,6 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
+from vidiffuse.files import atomic_directory
+
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "vidiffuse" / "weights" / "shapes"
 
@@ -28,19 +30,11 @@ def main() -> None:
     ap.add_argument("--dit-run", type=Path, required=True)
     ap.add_argument("--results", type=Path, required=True)
     args = ap.parse_args()
-    tmp = DEST.with_name("shapes.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(args.bundle, tmp)
-    training = tmp / "training"
-    training.mkdir()
-    for name, run in (("autoencoder", args.ae_run), ("denoiser", args.dit_run)):
-        state = json.loads((run / "checkpoint" / "state.json").read_text())
-        (training / f"{name}_config.json").write_text(json.dumps(state["config"], indent=1) + "\n")
-        shutil.copy(run / "metrics.jsonl", training / f"{name}_metrics.jsonl")
+    runs = {"autoencoder": args.ae_run, "denoiser": args.dit_run}
+    states = {name: json.loads((run / "checkpoint" / "state.json").read_text()) for name, run in runs.items()}
     results = json.loads(args.results.read_text())
     ae_eval = last_eval(args.ae_run / "metrics.jsonl").get("eval", {})
-    dit_cfg = json.loads((training / "denoiser_config.json").read_text())
-    dit_steps = json.loads((args.dit_run / "checkpoint" / "state.json").read_text())["step"]
+    dit_cfg, dit_steps = states["denoiser"]["config"], states["denoiser"]["step"]
     acc = results["heldout"]["accuracy"]
     rare = results["heldout_rare_words"]["accuracy"]
     rows = "\n".join(f"| {a} | {acc[a]:.3f} | {rare[a]:.3f} |" for a in acc)
@@ -80,9 +74,13 @@ Reproduce: `.venv/bin/python benchmarks/engine.py --model shapes --n {results['n
 Prompts that name no attribute get the world's distribution for it; synonyms the text encoder places
 far from the training words (see the rare-synonym column) are followed less reliably.
 """
-    (tmp / "README.md").write_text(card)
-    shutil.rmtree(DEST, ignore_errors=True)
-    tmp.rename(DEST)
+    with atomic_directory(DEST) as tmp:
+        shutil.copytree(args.bundle, tmp, dirs_exist_ok=True)
+        (tmp / "training").mkdir()
+        for name, run in runs.items():
+            (tmp / "training" / f"{name}_config.json").write_text(json.dumps(states[name]["config"], indent=1) + "\n")
+            shutil.copy(run / "metrics.jsonl", tmp / "training" / f"{name}_metrics.jsonl")
+        (tmp / "README.md").write_text(card)
     print(f"packaged {args.bundle} -> {DEST}")
 
 

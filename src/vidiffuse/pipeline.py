@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from .diffusion.sampling import SAMPLERS, make_scheduler, sample
 from .errors import ConfigError, ModelLoadError
+from .files import atomic_directory
 from .text.encoders import TextEncoder, load_text_encoder
 from .video.io import frames_to_uint8
 
@@ -179,19 +179,14 @@ class VideoPipeline:
 
 def save_bundle(out: Path, transformer, vae, text_encoder: TextEncoder, frames: int, size: int, fps: int = 8,
                 defaults: dict | None = None, name: str | None = None, extra: dict | None = None) -> Path:
-    """Write a model directory atomically (temp dir, then rename)."""
+    """Write a model directory atomically."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # bf16 on disk halves the size at no cost: autocast runs every matmul in bf16 anyway
-    copy.deepcopy(transformer).to(torch.bfloat16).save_pretrained(tmp / "transformer")
-    vae.save_pretrained(tmp / "vae")
-    index = {"_class_name": "VideoPipeline", "name": name or out.name, "frames": frames, "size": size, "fps": fps,
-             "text_encoder": text_encoder.name, "max_length": text_encoder.max_length,
-             "defaults": {**SAMPLING_DEFAULTS, **(defaults or {})}, **(extra or {})}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_directory(out) as tmp:
+        # bf16 on disk halves the size at no cost: autocast runs every matmul in bf16 anyway
+        copy.deepcopy(transformer).to(torch.bfloat16).save_pretrained(tmp / "transformer")
+        vae.save_pretrained(tmp / "vae")
+        index = {"_class_name": "VideoPipeline", "name": name or out.name, "frames": frames, "size": size, "fps": fps,
+                 "text_encoder": text_encoder.name, "max_length": text_encoder.max_length,
+                 "defaults": {**SAMPLING_DEFAULTS, **(defaults or {})}, **(extra or {})}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
