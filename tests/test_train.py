@@ -119,7 +119,7 @@ def test_resume_after_kill_9(tmp_path):
 def test_denoiser_trains_and_exports_a_bundle(tmp_path, vae_dir):
     from vidiffuse.pipeline import VideoPipeline
 
-    cfg = write(tmp_path / "d.toml", DIT_CONFIG.format(out=tmp_path / "d", steps=30, vae=vae_dir, precision="bf16"))
+    cfg = write(tmp_path / "d.toml", DIT_CONFIG.format(out=tmp_path / "d", steps=30, vae=vae_dir, precision="auto"))
     bundle = train(cfg)
     curve = losses(tmp_path / "d")
     assert len(curve) == 30 and sum(curve[-5:]) < sum(curve[:5])  # it learns
@@ -162,7 +162,7 @@ def test_denoiser_trains_on_a_folder_of_videos(tmp_path, vae_dir):
 
     root = synthesize(tmp_path / "videos", 4, seed=5, progress=False)
     (root / "000001.mp4").write_bytes(b"not a video")
-    cfg = DIT_CONFIG.format(out=tmp_path / "f", steps=3, vae=vae_dir, precision="bf16")
+    cfg = DIT_CONFIG.format(out=tmp_path / "f", steps=3, vae=vae_dir, precision="auto")
     cfg = cfg.replace('kind = "shapes"\nnum_clips = 8', f'kind = "folder"\nroot = "{root}"\nnum_clips = 6')
     bundle = train(write(tmp_path / "f.toml", cfg))
     assert len(losses(tmp_path / "f")) == 3

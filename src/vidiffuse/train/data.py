@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..data import shapes
+from ..precision import autocast
 
 
 def _clip_source(data_cfg: dict, frames: int, size: int):
@@ -86,7 +87,7 @@ def latent_dataset(data_cfg: dict, frames: int, size: int, vae, text_encoder, ca
     latents, tokens, masks, pooled, owner = [], [], [], [], []
     n = int(data_cfg["num_clips"])
     source = _clip_source(data_cfg, frames, size)
-    with tqdm(total=n, desc="encode clips") as bar, torch.autocast("cpu", torch.bfloat16):
+    with tqdm(total=n, desc="encode clips") as bar, autocast():
         while bar.n < n:
             chunk = [next(source) for _ in range(min(batch, n - bar.n))]
             x = torch.from_numpy(np.stack([v for v, _ in chunk])).float().div(127.5).sub(1)  # B,T,H,W,3

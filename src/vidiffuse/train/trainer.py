@@ -28,13 +28,14 @@ from ..data import shapes
 from ..diffusion.flow import flow_matching_loss, sample_t
 from ..errors import ConfigError
 from ..pipeline import vae_scale_factor
+from ..precision import autocast, use_bf16
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .data import frame_pool, latent_dataset
 
 DEFAULT_RUN = {
     "seed": 0, "steps": 1000, "batch_size": 32, "lr": 3e-4, "warmup": 100, "weight_decay": 0.0,
     "ema_decay": 0.999, "grad_clip": 1.0, "checkpoint_every": 200, "eval_every": 500, "log_every": 10,
-    "precision": "bf16", "threads": 0,
+    "precision": "auto", "threads": 0,
 }
 
 
@@ -54,6 +55,7 @@ def load_config(path: str | Path) -> dict:
             raise ConfigError(f"{path}: [run] {key} must be positive, got {run[key]}")
     if "out_dir" not in run:
         raise ConfigError(f"{path}: [run] out_dir is required")
+    use_bf16(run["precision"])  # rejects an unknown precision before any data is built
     cfg["run"] = run
     cfg.setdefault("data", {}).setdefault("num_clips", 1000)
     cfg.setdefault("model", {})
@@ -108,7 +110,7 @@ class AutoencoderTask:
         clips = self.eval_clips
         n, t = clips.shape[:2]
         x = clips.flatten(0, 1).float().div(127.5).sub(1)
-        with torch.autocast("cpu", torch.bfloat16):
+        with autocast(self.cfg["run"]["precision"]):
             rec = model.decode(model.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
         mse = (rec - x).pow(2).mean().item()
         rec_u8 = ((rec + 1) * 127.5).round().byte().view(n, t, 3, *x.shape[-2:]).permute(0, 1, 3, 4, 2).numpy()
@@ -118,7 +120,7 @@ class AutoencoderTask:
         return {"psnr": 10 * math.log10(4 / max(mse, 1e-12)), **{f"agree_{a}": v for a, v in agree.items()}}
 
     def export(self, ema, out: Path) -> None:
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        with torch.no_grad(), autocast(self.cfg["run"]["precision"]):
             x = self.frames[torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(0))[:1024]]
             z = ema.encode(x.float().div(127.5).sub(1)).latent_dist.mode().float()
         ema.register_to_config(scaling_factor=float(1.0 / z.std()))
@@ -232,7 +234,7 @@ def train(config_path: str | Path, resume: bool = False, max_steps: int | None =
     if run.get("compile", False):
         ddp_model = torch.compile(ddp_model)
     n_examples = task.num_examples
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=run["precision"] == "bf16")
+    train_autocast = autocast(run["precision"])
     metrics_path = out / "metrics.jsonl"
     end = steps if max_steps is None else min(steps, start + max_steps)
     bar = tqdm(total=steps, initial=start, desc=f"train {run['task']}", disable=rank != 0, dynamic_ncols=True)
@@ -243,7 +245,7 @@ def train(config_path: str | Path, resume: bool = False, max_steps: int | None =
             group["lr"] = lr
         gen = _rng(seed, step, 0)
         idx = torch.randint(n_examples, (batch,), generator=gen)
-        with autocast:
+        with train_autocast:
             loss = task.loss(ddp_model, idx, _rng(seed, step, 1), slice(rank, None, world)).mean()
         loss.backward()
         loss = loss.detach()
