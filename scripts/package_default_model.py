@@ -12,7 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
+from vidiffuse.evaluate.ood import REFERENCE_FILE, reference_from_config
 from vidiffuse.files import atomic_directory
+from vidiffuse.pipeline import VideoPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "vidiffuse" / "weights" / "shapes"
@@ -76,6 +78,10 @@ far from the training words (see the rare-synonym column) are followed less reli
 """
     with atomic_directory(DEST) as tmp:
         shutil.copytree(args.bundle, tmp, dirs_exist_ok=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        (tmp / "model_index.json").write_text(json.dumps({**index, "name": "shapes"}, indent=2) + "\n")
+        text_encoder = VideoPipeline.from_pretrained(args.bundle).text_encoder
+        reference_from_config(text_encoder, dit_cfg["data"]).save(tmp / REFERENCE_FILE)
         (tmp / "training").mkdir()
         for name, run in runs.items():
             (tmp / "training" / f"{name}_config.json").write_text(json.dumps(states[name]["config"], indent=1) + "\n")

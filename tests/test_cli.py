@@ -63,3 +63,28 @@ def test_data_synth(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "d").glob("*.mp4"))) == 3
     assert len((tmp_path / "d" / "captions.jsonl").read_text().splitlines()) == 3
+
+
+def test_generate_warns_on_out_of_distribution_prompts(tiny_bundle, tmp_path):
+    import shutil
+
+    from vidiffuse.evaluate.ood import REFERENCE_FILE
+    from vidiffuse.pipeline import BUNDLED
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bundle, model)
+    shutil.copy(BUNDLED["shapes"] / REFERENCE_FILE, model / REFERENCE_FILE)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "quarterly revenue spreadsheet"}\n{"prompt": "a large red circle moving right on black"}\n')
+    proc = run_cli("generate", "--prompts", prompts, "--out-dir", tmp_path / "out", "--model", model, "--steps", 1)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [l for l in proc.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1, proc.stderr
+    assert warnings[0].startswith("warning: prompt 1 (0000.mp4) looks out of distribution for model 'tiny' (score ")
+    assert warnings[0].endswith("): expect lower quality")
+    records = [json.loads(l) for l in (tmp_path / "out" / "generated.jsonl").read_text().splitlines()]
+    assert records[0]["ood_score"] > records[1]["ood_score"]
+    proc = run_cli("generate", "an astronaut riding a horse on mars", "-o", tmp_path / "x.mp4", "--model", model,
+                   "--steps", 1)
+    assert proc.returncode == 0 and (tmp_path / "x.mp4").exists(), proc.stderr
+    assert "warning: the prompt looks out of distribution for model 'tiny'" in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 from .errors import ConfigError, VideoWriteError
 from .pipeline import VideoPipeline
 from .video.io import write_video
+
+logger = logging.getLogger(__name__)
 
 
 def check_writable(directory: Path) -> None:
@@ -23,9 +26,25 @@ def check_writable(directory: Path) -> None:
         raise VideoWriteError(f"cannot write to {directory}: {e.strerror or e}") from None
 
 
+def check_prompts(pipe: VideoPipeline, prompts: list[str], labels: list[str]) -> list[float | None]:
+    """Warn about each prompt far from the model's training captions; their OOD scores (None: no reference).
+
+    Generation goes ahead regardless: a warning says what to expect, the user decides what to do.
+    """
+    checks = pipe.prompt_ood(prompts)
+    if checks is None:
+        return [None] * len(prompts)
+    for label, check in zip(labels, checks):
+        if check["ood"]:
+            logger.warning("%s looks out of distribution for model %r (score %.2f > %.2f): expect lower quality",
+                        label, pipe.name, check["score"], check["threshold"])
+    return [check["score"] for check in checks]
+
+
 def generate_file(pipe: VideoPipeline, prompt: str, out: Path, **settings) -> dict:
     out = Path(out)
     check_writable(out.parent)
+    check_prompts(pipe, [prompt], ["the prompt"])
     result = pipe(prompt, **settings)
     write_video(out, result.frames[0], fps=pipe.fps)
     return {**result.settings[0], "file": str(out)}
@@ -57,7 +76,8 @@ def read_prompts(path: Path) -> list[dict]:
 
 def generate_batch(pipe: VideoPipeline | str, prompts_file: Path, out_dir: Path, seed: int = 0, batch_size: int = 8,
                    **settings) -> Path:
-    """Videos 0000.mp4, 0001.mp4, ... in line order, plus generated.jsonl with each one's settings.
+    """Videos 0000.mp4, 0001.mp4, ... in line order, plus generated.jsonl with each one's settings and
+    `ood_score` (how far its prompt lies from the training captions; null when the model has no reference).
 
     `pipe` may be a model name or directory, loaded only once the prompts file has been checked.
     """
@@ -68,12 +88,13 @@ def generate_batch(pipe: VideoPipeline | str, prompts_file: Path, out_dir: Path,
         pipe = VideoPipeline.from_pretrained(pipe)
     prompts = [item["prompt"] for item in items]
     seeds = [int(item.get("seed", seed + i)) for i, item in enumerate(items)]
+    names = [f"{i:04d}.mp4" for i in range(len(items))]
+    scores = check_prompts(pipe, prompts, [f"prompt {i + 1} ({name})" for i, name in enumerate(names)])
     result = pipe(prompts, seed=seeds, batch_size=batch_size, **settings)
     records = []
-    for i, (frames, record) in enumerate(zip(result.frames, result.settings)):
-        name = f"{i:04d}.mp4"
+    for name, frames, record, score in zip(names, result.frames, result.settings, scores):
         write_video(out_dir / name, frames, fps=pipe.fps)
-        records.append({**record, "file": name})
+        records.append({**record, "file": name, "ood_score": score})
     log = out_dir / "generated.jsonl"
     tmp = log.with_name(log.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -12,11 +12,13 @@ A model directory ("bundle") is laid out like a diffusers pipeline:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +29,9 @@ from .files import atomic_directory
 from .precision import autocast
 from .text.encoders import TextEncoder, load_text_encoder
 from .video.io import frames_to_uint8
+
+if TYPE_CHECKING:
+    from .evaluate.ood import PromptOOD
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUNDLED = {"shapes": WEIGHTS_DIR / "shapes"}
@@ -63,11 +68,13 @@ class VideoPipeline:
     def __init__(self, transformer, vae, text_encoder: TextEncoder, frames: int = 16, size: int = 64, fps: int = 8,
                  defaults: dict | None = None, name: str = "custom"):
         self.transformer = transformer.eval()
-        self.vae = vae.eval()
+        # oneDNN's convolutions run ~20% faster on NHWC tensors; decoding is a third of a video's time
+        self.vae = vae.eval().to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder
         self.frames, self.size, self.fps, self.name = frames, size, fps, name
         self.defaults = {**SAMPLING_DEFAULTS, **(defaults or {})}
         self._empty = None
+        self.path: Path | None = None  # the model directory, when loaded from one
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None) -> "VideoPipeline":
@@ -86,8 +93,30 @@ class VideoPipeline:
             raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
         text_encoder = load_text_encoder(index.get("text_encoder", "minilm"), index.get("text_encoder_path"),
                                          max_length=int(index.get("max_length", 24)))
-        return cls(transformer, vae, text_encoder, frames=index["frames"], size=index["size"], fps=index["fps"],
+        pipe = cls(transformer, vae, text_encoder, frames=index["frames"], size=index["size"], fps=index["fps"],
                    defaults=index.get("defaults"), name=index.get("name", path.name))
+        pipe.path = path
+        return pipe
+
+    @functools.cached_property
+    def ood_reference(self) -> PromptOOD | None:
+        """The model's `PromptOOD` scorer, or None when its directory ships no reference."""
+        from .evaluate.ood import REFERENCE_FILE, PromptOOD
+
+        if self.path is None or not (self.path / REFERENCE_FILE).is_file():
+            return None
+        return PromptOOD.load(self.path / REFERENCE_FILE, self.text_encoder)
+
+    def prompt_ood(self, prompts: str | Sequence[str]) -> list[dict] | None:
+        """Per prompt, how far it lies from the training captions: {"score", "threshold", "ood"}.
+
+        None when the model has no reference to compare with.
+        """
+        scorer = self.ood_reference
+        if scorer is None:
+            return None
+        return [{"score": float(s), "threshold": scorer.threshold, "ood": bool(s > scorer.threshold)}
+                for s in scorer.score(prompts)]
 
     def _validate(self, prompts: Sequence[str], steps: int, guidance: float, frames: int, sampler: str) -> None:
         for p in prompts:
@@ -174,7 +203,8 @@ class VideoPipeline:
         """Latents (B, c, T, h, w) → video (B, 3, T, H, W) in [-1, 1], frame by frame."""
         b, c, t, h, w = latents.shape
         z = latents.transpose(1, 2).reshape(b * t, c, h, w) / self.vae.config.scaling_factor
-        x = self.vae.decode(z.to(torch.float32)).sample.float().clamp(-1, 1)
+        z = z.to(torch.float32).contiguous(memory_format=torch.channels_last)
+        x = self.vae.decode(z).sample.float().clamp(-1, 1)
         return x.view(b, t, 3, *x.shape[-2:]).transpose(1, 2)
 
 

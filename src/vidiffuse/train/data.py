@@ -20,19 +20,23 @@ from ..data import shapes
 from ..precision import autocast
 
 
+def shapes_specs(data_cfg: dict, frames: int = shapes.FRAMES, size: int = shapes.SIZE):
+    """Yields (ClipSpec, captions) of a `kind = "shapes"` [data] section, without rendering (cheap)."""
+    seed, drop = int(data_cfg.get("seed", 0)), float(data_cfg.get("caption_drop_prob", 0.15))
+    for i in range(int(data_cfg["num_clips"])):
+        rng = np.random.default_rng([seed, i, 0x5EED])
+        spec = shapes.sample_clip_spec(rng, frames, size)
+        yield spec, [shapes.sample_caption(spec, rng, drop) for _ in range(int(data_cfg.get("captions_per_clip", 1)))]
+
+
 def _clip_source(data_cfg: dict, frames: int, size: int):
     """Yields (uint8 video (T,H,W,3), caption) pairs for the configured source."""
     kind = data_cfg.get("kind", "shapes")
     n = int(data_cfg["num_clips"])
     seed = int(data_cfg.get("seed", 0))
     if kind == "shapes":
-        drop = float(data_cfg.get("caption_drop_prob", 0.15))
-        for i in range(n):
-            rng = np.random.default_rng([seed, i, 0x5EED])
-            spec = shapes.sample_clip_spec(rng, frames, size)
-            video = shapes.render_clip(spec, frames, size)
-            captions = [shapes.sample_caption(spec, rng, drop) for _ in range(int(data_cfg.get("captions_per_clip", 1)))]
-            yield video, captions
+        for spec, captions in shapes_specs(data_cfg, frames, size):
+            yield shapes.render_clip(spec, frames, size), captions
     elif kind == "folder":
         from ..data.folder import VideoFolderDataset
         from ..video.io import frames_to_uint8
