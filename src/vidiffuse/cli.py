@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +19,8 @@ app = typer.Typer(help="vidiffuse: video diffusion from data to production.", no
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Datasets: the shapes world and your own footage.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Evaluate a model: FVD, adherence, temporal quality, OOD prompts, latency; gate regressions.")
+app.add_typer(eval_app, name="eval")
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -35,7 +39,7 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="Videos generated together in batch mode."),
 ):
     """Generate a video from a prompt, or a folder of videos from a JSONL of prompts."""
-    from .generation import generate_batch, generate_file
+    from .generation import generate_batch, generate_file, logger
     from .pipeline import VideoPipeline
 
     if (prompt is None) == (prompts is None):
@@ -45,12 +49,27 @@ def generate(
     settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames}
     if prompt is not None and not prompt.strip():
         raise VidiffuseError("the prompt is empty")
-    if prompts is not None:
-        log = generate_batch(model, prompts, out_dir, seed=seed, batch_size=batch_size, **settings)
-        err.print(f"wrote {sum(1 for _ in log.open())} videos to {out_dir} (settings in {log})")
-    else:
-        record = generate_file(VideoPipeline.from_pretrained(model), prompt, output, seed=seed, **settings)
-        err.print(f"wrote {record['file']}")
+    with warnings_as_lines(logger):
+        if prompts is not None:
+            log = generate_batch(model, prompts, out_dir, seed=seed, batch_size=batch_size, **settings)
+            err.print(f"wrote {sum(1 for _ in log.open())} videos to {out_dir} (settings in {log})")
+        else:
+            record = generate_file(VideoPipeline.from_pretrained(model), prompt, output, seed=seed, **settings)
+            err.print(f"wrote {record['file']}")
+
+
+@contextmanager
+def warnings_as_lines(logger: logging.Logger) -> Iterator[None]:
+    """Show a library logger's warnings (e.g. out-of-distribution prompts) as `warning: ...` lines, like errors."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 @app.command()
@@ -79,6 +98,87 @@ def data_synth(
         raise VidiffuseError(f"--n must be at least 1, got {n}")
     synthesize(out, n, seed)
     err.print(f"wrote {n} clips and captions.jsonl to {out}")
+
+
+@eval_app.callback(invoke_without_command=True)
+def evaluate(
+    ctx: typer.Context,
+    model: str = typer.Option("shapes", "--model", "-m", help="Model directory or bundled name."),
+    out: Path = typer.Option(Path("eval"), "--out", help="Folder for report.json and report.html."),
+    n: int = typer.Option(256, "--n", help="Golden prompts to generate (an evenly spaced subset when fewer than 256)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (model default if unset)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler, unipc or dpm++."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also time samplers x step counts for the quality-latency curve."),
+    sweep_n: int = typer.Option(16, "--sweep-n", help="Videos per sweep point."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP model folder: adds clip_score (prompt-frame similarity)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="report.json to gate against: exit 1 if any metric is worse."),
+    tolerance: list[str] = typer.Option([], "--tolerance", help="Relative tolerance: '0.05' for all metrics, or 'fvd_shapes=0.1'. Repeatable."),
+):
+    """Evaluate MODEL on the golden prompts and write report.json + report.html."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .evaluate import suite
+    from .evaluate.html import write_report
+    from .pipeline import VideoPipeline
+
+    tolerances = suite.parse_tolerances(tolerance)
+    base = suite.read_report(baseline) if baseline else None
+    if sweep_n < 2:
+        raise VidiffuseError(f"--sweep-n must be at least 2, got {sweep_n}")
+    pipe = VideoPipeline.from_pretrained(model)
+    report, videos = suite.evaluate_model(pipe, n=n, steps=steps, guidance=guidance, sampler=sampler,
+                                          sweep=suite.SWEEP if sweep else None, sweep_n=sweep_n,
+                                          clip_path=clip, progress=lambda m: err.print(f"[dim]{m}[/dim]"))
+    failures = None
+    if base is not None:
+        mismatch = suite.settings_mismatch(report, base)
+        if mismatch:
+            raise VidiffuseError("the baseline was measured differently, so it cannot gate this run: " + "; ".join(mismatch))
+        failures = suite.gate(report, base, tolerances)
+    html = write_report(out, report, videos, baseline=base, gate=failures)
+    _print_metrics(report, base)
+    err.print(f"wrote {out / 'report.json'} and {html}")
+    if failures:
+        err.print(f"[red]regression gate failed: {len(failures)} metric(s) worse than the baseline[/red]")
+        for line in failures:
+            err.print(f"  {line}")
+        raise typer.Exit(1)
+    if failures is not None:
+        err.print("[green]regression gate passed[/green]")
+
+
+@eval_app.command("compare")
+def eval_compare(
+    a: Path = typer.Argument(..., help="The old report.json."),
+    b: Path = typer.Argument(..., help="The new report.json."),
+):
+    """Print each metric of two reports side by side, with the change and whether it is better."""
+    from .evaluate import suite
+
+    old, new = suite.read_report(a), suite.read_report(b)
+    mismatch = suite.settings_mismatch(new, old)
+    if mismatch:
+        err.print("[yellow]note: measured differently: " + "; ".join(mismatch) + "[/yellow]")
+    _print_metrics(new, old)
+
+
+def _print_metrics(report: dict, baseline: dict | None) -> None:
+    from rich.table import Table
+
+    from .evaluate.suite import compare
+
+    table = Table("metric", "value", *(("baseline", "change", "") if baseline else ()))
+    colours = {"better": "green", "worse": "red"}
+    for row in compare(report, baseline or {"metrics": {}}):
+        cells = [row["metric"], "—" if row["new"] is None else f"{row['new']:.4g}"]
+        if baseline:
+            change = "" if row["change"] is None else f"{row['change']:+.4g}"
+            style = colours.get(row["verdict"], "")
+            cells += ["—" if row["old"] is None else f"{row['old']:.4g}", change,
+                      f"[{style}]{row['verdict']}[/{style}]" if style else row["verdict"]]
+        table.add_row(*cells)
+    Console().print(table)
 
 
 def quiet_libraries() -> None:

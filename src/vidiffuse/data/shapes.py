@@ -49,12 +49,15 @@ class ClipSpec:
         return {a: getattr(self, a) for a in ATTRIBUTES}
 
 
-def sample_clip_spec(rng: np.random.Generator, frames: int = FRAMES, size: int = SIZE) -> ClipSpec:
-    background = str(rng.choice(list(BACKGROUNDS)))
-    color = str(rng.choice(list(COLORS)))
-    shape = str(rng.choice(SHAPES))
-    size_name = str(rng.choice(list(SIZES)))
-    direction = str(rng.choice(DIRECTIONS))
+def sample_clip_spec(rng: np.random.Generator, frames: int = FRAMES, size: int = SIZE,
+                     attributes: dict[str, str] | None = None) -> ClipSpec:
+    """A random clip; `attributes` fixes some of them (the draws happen anyway, so the stream is unchanged)."""
+    fixed = attributes or {}
+    background = fixed.get("background", str(rng.choice(list(BACKGROUNDS))))
+    color = fixed.get("color", str(rng.choice(list(COLORS))))
+    shape = fixed.get("shape", str(rng.choice(SHAPES)))
+    size_name = fixed.get("size", str(rng.choice(list(SIZES))))
+    direction = fixed.get("direction", str(rng.choice(DIRECTIONS)))
     d = SIZES[size_name]
     speed = 0.0 if direction == "still" else float(rng.uniform(*SPEED_RANGE))
     vx, vy = _VELOCITY[direction]
