@@ -10,7 +10,6 @@ held-out phrasings of benchmarks/heldout_prompts.py (a quarter with words traini
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.heldout_prompts import heldout_prompts  # noqa: E402
 from vidiffuse.data import shapes  # noqa: E402
+from vidiffuse.files import write_atomic  # noqa: E402
 
 N = 256
 
@@ -37,9 +37,7 @@ def main() -> None:
         items += [{"prompt": p, "phrasing": "heldout-rare" if rare else "heldout", "attributes": a}
                   for p, a in zip(prompts, truth)]
     out = ROOT / "src/vidiffuse/evaluate/golden/shapes_v1.jsonl"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"id": i, "seed": 1000 + i, **item}) + "\n" for i, item in enumerate(items)))
-    os.replace(tmp, out)
+    write_atomic(out, "".join(json.dumps({"id": i, "seed": 1000 + i, **item}) + "\n" for i, item in enumerate(items)))
     print(f"wrote {len(items)} prompts to {out.relative_to(ROOT)}")
 
 

@@ -1,4 +1,4 @@
-"""Writing directories so that a crash never leaves a half-written one in place."""
+"""Writing files and directories so that a crash never leaves a half-written one in place."""
 
 from __future__ import annotations
 
@@ -7,6 +7,19 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to `<path>.tmp`, then rename it over `path`: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextmanager

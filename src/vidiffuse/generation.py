@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, VideoWriteError
+from .files import write_atomic
 from .pipeline import VideoPipeline
 from .video.io import write_video
 
@@ -95,8 +95,5 @@ def generate_batch(pipe: VideoPipeline | str, prompts_file: Path, out_dir: Path,
     for name, frames, record, score in zip(names, result.frames, result.settings, scores):
         write_video(out_dir / name, frames, fps=pipe.fps)
         records.append({**record, "file": name, "ood_score": score})
-    log = out_dir / "generated.jsonl"
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, log)
+    log = write_atomic(out_dir / "generated.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return log

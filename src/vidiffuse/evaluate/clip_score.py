@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vidiffuse.errors import ConfigError, ModelLoadError
+from vidiffuse.video.io import frames_to_uint8
 
 __all__ = ["CLIPScorer", "sample_frame_indices"]
 
@@ -210,8 +211,7 @@ def _as_video_list(videos) -> list[np.ndarray]:
         if videos.ndim != 5 or videos.shape[1] != 3 or not videos.is_floating_point():
             raise ConfigError(f"a video tensor must be (B, 3, T, H, W) float in [-1, 1]; got "
                               f"{tuple(videos.shape)} {videos.dtype}")
-        u8 = ((videos.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return list(u8.permute(0, 2, 3, 4, 1).cpu().numpy())
+        return [frames_to_uint8(v) for v in videos]
     if isinstance(videos, np.ndarray):
         videos = [videos] if videos.ndim == 4 else list(videos) if videos.ndim == 5 else [videos]
     videos = list(videos)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..data import shapes  # noqa: E402
+from ..files import write_atomic  # noqa: E402
 
 TEMPLATE = jinja2.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vidiffuse eval: {{ r.model }}</title>
@@ -120,12 +120,6 @@ def _strip(videos: Sequence[np.ndarray], report: dict, rows: int = 8) -> str | N
     return _png(fig)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(out_dir: Path, report: dict, videos: Sequence[np.ndarray] = (), baseline: dict | None = None,
                  gate: list[str] | None = None) -> Path:
     """report.json and report.html in `out_dir`; returns the HTML path."""
@@ -133,11 +127,11 @@ def write_report(out_dir: Path, report: dict, videos: Sequence[np.ndarray] = (),
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     rows = compare(report, baseline or {"metrics": {}})
     ci = report.get("fvd_shapes_ci95")
     plots = [("Prompt adherence per attribute", _adherence_plot(report)), *_sweep_plots(report)]
     html = TEMPLATE.render(r=report, rows=rows, baseline=baseline, gate=gate, plots=plots,
                            strip=_strip(videos, report), ci=f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "n/a")
-    _write_atomic(out_dir / "report.html", html)
+    write_atomic(out_dir / "report.html", html)
     return out_dir / "report.html"

@@ -20,6 +20,7 @@ import torch
 
 from ..data import shapes
 from ..errors import ConfigError, ModelLoadError
+from ..files import write_atomic
 from ..text.encoders import TextEncoder
 
 REFERENCE_FILE = "ood_reference.safetensors"
@@ -73,11 +74,8 @@ class PromptOOD:
         metadata = {"threshold": repr(self.threshold), "k": str(self.k), "percentile": repr(self.percentile),
                     "text_encoder": self.text_encoder.name, "max_length": str(self.text_encoder.max_length),
                     "captions": str(len(self.reference))}
-        tmp = path.with_name(path.name + ".tmp")
         # save_file would create the file readable by its owner only; bytes written here get the usual mode
-        tmp.write_bytes(save({"embeddings": self.reference.to(torch.float16).contiguous()}, metadata=metadata))
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, save({"embeddings": self.reference.to(torch.float16).contiguous()}, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, text_encoder: TextEncoder) -> "PromptOOD":

@@ -187,7 +187,7 @@ def evaluate_model(pipe, n: int = 256, steps: int | None = None, guidance: float
     encoder = load_shapes_video_encoder()
     real = shapes_video_features(real_clips(items), encoder)
     fvd = fvd_from_features(real, shapes_video_features(videos, encoder), bootstrap=100)
-    ood = pipe.prompt_ood([i.prompt for i in items]) if hasattr(pipe, "prompt_ood") else None
+    ood = pipe.prompt_ood([i.prompt for i in items])
     metrics = {"fvd_shapes": fvd["fvd"], **scores, **_mean_temporal(videos), **performance}
     if clip is not None:
         metrics["clip_score"] = float(np.mean(clip(videos, [i.prompt for i in items])))
@@ -207,9 +207,10 @@ def evaluate_model(pipe, n: int = 256, steps: int | None = None, guidance: float
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    sub = items[:: max(1, len(items) // sweep_n)][:sweep_n] if sweep else []
+    picks = list(range(0, len(items), max(1, len(items) // sweep_n)))[:sweep_n] if sweep else []
+    sub = [items[k] for k in picks]
     # FVD on a handful of clips is biased upwards, but alike across the sweep's points
-    sub_real = shapes_video_features(real_clips(sub), encoder) if sub else None
+    sub_real = real[picks]
     for name, step_counts in (sweep or {}).items():
         for k in step_counts:
             say(f"sweep: {name}, {k} steps, {len(sub)} videos")

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from ..data import shapes
+from ..files import write_atomic
 from ..precision import autocast
 
 
@@ -61,9 +62,7 @@ def _cache_path(cache_dir: Path, tag: str, spec: dict) -> Path:
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    tmp.replace(path)
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def frame_pool(data_cfg: dict, frames: int, size: int, cache_dir: Path) -> torch.Tensor:
