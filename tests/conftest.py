@@ -10,6 +10,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def vidiffuse_home(tmp_path_factory, monkeypatch):
+    """Certificates, jobs and registry state go to a per-session folder, never the user's ~/.vidiffuse."""
+    home = tmp_path_factory.getbasetemp() / "vidiffuse-home"
+    monkeypatch.setenv("VIDIFFUSE_HOME", str(home))
+    return home
+
+
 def tiny_vae():
     from diffusers import AutoencoderKL
 

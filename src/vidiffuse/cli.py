@@ -21,6 +21,8 @@ data_app = typer.Typer(help="Datasets: the shapes world and your own footage.", 
 app.add_typer(data_app, name="data")
 eval_app = typer.Typer(help="Evaluate a model: FVD, adherence, temporal quality, OOD prompts, latency; gate regressions.")
 app.add_typer(eval_app, name="eval")
+govern_app = typer.Typer(help="Governance: memorization, bias audit, model card and risk report.", no_args_is_help=True)
+app.add_typer(govern_app, name="govern")
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -37,8 +39,12 @@ def generate(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler, unipc or dpm++."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Number of frames (model default if unset)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Videos generated together in batch mode."),
+    watermark: bool = typer.Option(True, "--watermark/--no-watermark",
+                                   help="Invisible watermark in the pixels (on by default; turning it off is recorded in the signed manifest)."),
 ):
-    """Generate a video from a prompt, or a folder of videos from a JSONL of prompts."""
+    """Generate a video from a prompt, or a folder of videos from a JSONL of prompts.
+
+    Every video carries a signed C2PA manifest; by default also an invisible watermark."""
     from .generation import generate_batch, generate_file, logger
     from .pipeline import VideoPipeline
 
@@ -46,10 +52,10 @@ def generate(
         raise VidiffuseError("give either a PROMPT or --prompts FILE.jsonl")
     if batch_size < 1:
         raise VidiffuseError(f"--batch-size must be at least 1, got {batch_size}")
-    settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames}
+    settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames, "watermark": watermark}
     if prompt is not None and not prompt.strip():
         raise VidiffuseError("the prompt is empty")
-    with warnings_as_lines(logger):
+    with warnings_as_lines(logger), warnings_as_lines(logging.getLogger("vidiffuse.pipeline")):
         if prompts is not None:
             log = generate_batch(model, prompts, out_dir, seed=seed, batch_size=batch_size, **settings)
             err.print(f"wrote {sum(1 for _ in log.open())} videos to {out_dir} (settings in {log})")
@@ -70,6 +76,38 @@ def warnings_as_lines(logger: logging.Logger) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+
+
+@app.command()
+def verify(
+    file: Path = typer.Argument(..., help="A video file (MP4, WebM, MOV, ...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+):
+    """Check a video for vidiffuse's invisible watermark and its signed C2PA manifest (valid, tampered?)."""
+    import json
+
+    from .provenance.verify import verify_file
+
+    result = verify_file(file)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    mark, manifest = result["watermark"], result["manifest"]
+    if mark["detected"]:
+        err.print(f"watermark: [green]detected[/green] (p = {mark['p_value']:.1e}), payload {mark['payload']} "
+                  f"(model id {mark['model_id']})")
+    else:
+        err.print(f"watermark: not detected (p = {mark['p_value']:.2g}, threshold {mark['threshold']:.0e})")
+    if not manifest["present"]:
+        err.print("manifest: none")
+    else:
+        state = "[red]tampered[/red]" if manifest["tampered"] else "[green]valid[/green]" if manifest["valid"] else "[red]invalid[/red]"
+        trust = "trusted signer" if manifest["trusted"] else "untrusted signer (e.g. a local development certificate)"
+        model = (manifest.get("generation") or {}).get("model") or {}
+        err.print(f"manifest: {state}, {trust}; made by {model.get('name', '?')} {model.get('version', '')}; "
+                  f"issues: {', '.join(manifest['issues']) or 'none'}")
+    if result.get("consistent") is False:
+        err.print("[yellow]the manifest's watermark payload does not match the pixels[/yellow]")
 
 
 @app.command()
@@ -98,6 +136,53 @@ def data_synth(
         raise VidiffuseError(f"--n must be at least 1, got {n}")
     synthesize(out, n, seed)
     err.print(f"wrote {n} clips and captions.jsonl to {out}")
+
+
+@data_app.command("manifest")
+def data_manifest(
+    root: Path = typer.Argument(..., help="Dataset folder: videos, optional captions.jsonl/.csv and <file>.license sidecars."),
+    license: Optional[str] = typer.Option(None, "--license", help="SPDX licence of files that state none (e.g. CC-BY-4.0)."),
+    source: Optional[str] = typer.Option(None, "--source", help="Where files without a 'source' column come from."),
+    name: Optional[str] = typer.Option(None, "--name", help="Dataset name (default: the folder's name)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for manifest.json and DATASET_CARD.md (default: ROOT)."),
+):
+    """Croissant-style manifest (sha256, duration, size, source, licence per file) and a dataset card."""
+    from collections import Counter
+
+    from .data.manifest import videos, write_manifest
+
+    manifest, digest, path = write_manifest(root, out, default_license=license, default_source=source, name=name)
+    clips = videos(manifest)
+    status = Counter(f["license_status"] for f in clips)
+    err.print(f"{len(clips)} videos, {len(manifest['errors'])} unreadable; licences: "
+              + (", ".join(f"{k} {v}" for k, v in sorted(status.items())) or "none"))
+    for e in manifest["errors"]:
+        err.print(f"  unreadable: {e['file']}: {e['error']}")
+    for f in clips:
+        if f["license_status"] != "ok":
+            err.print(f"  licence {f['license_status']}: {f['name']} ({f['license'] or 'none stated'})")
+    err.print(f"wrote {path} (sha256 {digest}) and {path.parent / 'DATASET_CARD.md'}")
+
+
+@data_app.command("dedup")
+def data_dedup(
+    root: Path = typer.Argument(..., help="Dataset folder (the training set when --against is given)."),
+    against: Optional[Path] = typer.Option(None, "--against", help="Evaluation folder: report clips it shares with ROOT."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Similarity at or above which clips are duplicates (default: calibrated 0.99)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
+):
+    """Near-duplicate clips within ROOT, or leakage between ROOT and --against (exit 0 whenever it ran)."""
+    import json
+
+    from .data.dedup import dedup_report, format_report
+    from .data.fingerprint import SIMILARITY_THRESHOLD
+    from .files import write_atomic
+
+    report = dedup_report(root, against, SIMILARITY_THRESHOLD if threshold is None else threshold)
+    typer.echo(format_report(report))
+    if json_out is not None:
+        write_atomic(json_out, json.dumps(report, indent=2) + "\n")
+        err.print(f"wrote {json_out}")
 
 
 @eval_app.callback(invoke_without_command=True)
@@ -179,6 +264,89 @@ def _print_metrics(report: dict, baseline: dict | None) -> None:
                       f"[{style}]{row['verdict']}[/{style}]" if style else row["verdict"]]
         table.add_row(*cells)
     Console().print(table)
+
+
+@govern_app.command("bias")
+def govern_bias(
+    model: str = typer.Option("shapes", "--model", "-m", help="Model directory or bundled name."),
+    out: Path = typer.Option(Path("govern"), "--out", help="Folder for bias.json and bias.png."),
+    n: int = typer.Option(48, "--n", help="Videos per attribute."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the prompts and the videos: the same seed gives the same audit."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level before the Bonferroni correction over attributes."),
+    attribute: list[str] = typer.Option([], "--attribute", help="Audit only this shapes-world attribute (repeatable)."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Any model: 'module:function' or 'file.py:function' mapping a video tensor (C,T,H,W) in [-1,1] to a label."),
+    expected: Optional[Path] = typer.Option(None, "--expected", help='With --classifier: JSON {"attribute": {"label": proportion}}.'),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help='With --classifier: prompts leaving the attribute unsaid (text lines or JSONL {"prompt", "attribute"}).'),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (model default if unset)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler, unipc or dpm++."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Videos generated together."),
+):
+    """Bias audit: for prompts leaving an attribute unsaid, generated vs training distribution (chi-square)."""
+    from .govern import bias
+    from .pipeline import VideoPipeline, resolve_model_path
+
+    custom = (classifier, expected, prompts)
+    if any(x is not None for x in custom) and not all(x is not None for x in custom):
+        raise VidiffuseError("--classifier, --expected and --prompts go together")
+    if classifier is not None and attribute:
+        raise VidiffuseError("--attribute is for the shapes-world audit; with --classifier the attributes are the keys of --expected")
+    if batch_size < 1:
+        raise VidiffuseError(f"--batch-size must be at least 1, got {batch_size}")
+    # every input is checked before the model loads and minutes of generation start
+    if classifier is not None:
+        plan = bias.plan_custom(classifier, expected, prompts, n=n, seed=seed, alpha=alpha)
+    else:
+        plan = bias.plan_shapes(resolve_model_path(model), n=n, seed=seed, alpha=alpha,
+                                attributes=attribute or bias.shapes.ATTRIBUTES)
+    report = bias.audit(VideoPipeline.from_pretrained(model), plan, batch_size=batch_size, steps=steps,
+                        guidance=guidance, sampler=sampler)
+    json_path, png_path = bias.write_bias_report(report, out)
+    for name, r in report["attributes"].items():
+        p = "n/a" if r["p_value"] is None else f"{r['p_value']:.3g}"
+        chi2 = "n/a" if r["chi2"] is None else f"{r['chi2']:.2f}"
+        over = r["most_over"]["value"] if r["most_over"] else "-"
+        err.print(f"{name:<11} n={r['n']:<4} unreadable={r['unreadable']:<3} chi2={chi2:<6} p={p:<8} "
+                  f"most over-represented={over}{'  [red]FLAGGED[/red]' if r['significant'] else ''}")
+    err.print(f"wrote {json_path} and {png_path}")
+
+
+@govern_app.command("memorization")
+def govern_memorization(
+    generated: Path = typer.Argument(..., help="Folder of generated videos."),
+    train_dir: Path = typer.Option(..., "--train", help="Folder of the training clips."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Similarity at or above which a generation counts as a copy (default: calibrated 0.99)."),
+    k: int = typer.Option(3, "--k", help="Nearest training clips listed per generated video."),
+    out: Path = typer.Option(Path("govern"), "--out", help="Folder for memorization.json and memorization.md."),
+):
+    """Nearest training clips of each generated video; flags copies of training clips."""
+    from .data.fingerprint import SIMILARITY_THRESHOLD
+    from .govern.memorization import check_memorization
+
+    report = check_memorization(generated, train_dir, SIMILARITY_THRESHOLD if threshold is None else threshold, k, out)
+    err.print(f"{report['n_flagged']} of {report['n_generated']} generated videos flagged as copies of one of "
+              f"{report['n_training']} training clips ({report['metric']} >= {report['threshold']:g})")
+    for f in report["flagged"]:
+        err.print(f"  {f['generated']} ~ {f['training']} (similarity {f['similarity']:.4f})")
+    err.print(f"wrote {out / 'memorization.json'} and {out / 'memorization.md'}")
+
+
+@govern_app.command("card")
+def govern_card(
+    model: str = typer.Option("shapes", "--model", "-m", help="Model directory or bundled name."),
+    out: Path = typer.Option(..., "--out", help="Folder for MODEL_CARD.md and risk_report.json."),
+    eval_report: Optional[Path] = typer.Option(None, "--eval", help="report.json from `vidiffuse eval`."),
+    memorization: Optional[Path] = typer.Option(None, "--memorization", help="Memorization report JSON."),
+    bias_report: Optional[Path] = typer.Option(None, "--bias", help="bias.json from `vidiffuse govern bias`."),
+    data_manifest: Optional[Path] = typer.Option(None, "--data-manifest", help="The training data's manifest file (its hash is checked against the model's)."),
+    watermark: Optional[Path] = typer.Option(None, "--watermark", help="watermark.json from benchmarks/watermark.py (robustness evidence)."),
+):
+    """Model card and risk report, generated from measurements (missing inputs are reported as not measured)."""
+    from .govern.card import write_model_card
+
+    paths = write_model_card(model, out, eval_report=eval_report, memorization=memorization, bias=bias_report,
+                             data_manifest=data_manifest, watermark=watermark)
+    err.print("wrote " + " and ".join(str(p) for p in paths.values()))
 
 
 def quiet_libraries() -> None:

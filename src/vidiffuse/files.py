@@ -22,6 +22,11 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def vidiffuse_home() -> Path:
+    """Where vidiffuse keeps its state (signing certificates, jobs, registry): `$VIDIFFUSE_HOME`, else ~/.vidiffuse."""
+    return Path(os.environ.get("VIDIFFUSE_HOME") or Path.home() / ".vidiffuse")
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty `<path>.tmp` to fill; on success it replaces `path` by renames.

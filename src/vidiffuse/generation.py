@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, VideoWriteError
 from .files import write_atomic
 from .pipeline import VideoPipeline
+from .provenance.manifest import prompt_sha256, sign_video
 from .video.io import write_video
 
 logger = logging.getLogger(__name__)
@@ -41,12 +43,34 @@ def check_prompts(pipe: VideoPipeline, prompts: list[str], labels: list[str]) ->
     return [check["score"] for check in checks]
 
 
-def generate_file(pipe: VideoPipeline, prompt: str, out: Path, **settings) -> dict:
+def provenance_record(pipe: VideoPipeline, record: dict) -> dict:
+    """What the signed manifest says about one generation: never the prompt, only its hash."""
+    settings = {k: record[k] for k in ("seed", "steps", "guidance", "sampler", "frames")}
+    return {"model": {"name": pipe.name, "version": pipe.version},
+            "settings": {**settings, "fps": pipe.fps, "size": pipe.size},
+            "prompt_sha256": prompt_sha256(record["prompt"]),
+            "training_data_manifest_sha256": pipe.index.get("training_data_manifest_sha256"),
+            "watermark": record["watermark"]}
+
+
+def write_generated(pipe: VideoPipeline, path: Path, frames, record: dict) -> None:
+    """The MP4 with its signed C2PA manifest; `path` appears only once both are complete."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.unsigned.mp4")
+    try:
+        write_video(staging, frames, fps=pipe.fps)
+        sign_video(staging, provenance_record(pipe, record))
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def generate_file(pipe: VideoPipeline, prompt: str, out: Path, watermark: bool = True, **settings) -> dict:
     out = Path(out)
     check_writable(out.parent)
     check_prompts(pipe, [prompt], ["the prompt"])
-    result = pipe(prompt, **settings)
-    write_video(out, result.frames[0], fps=pipe.fps)
+    result = pipe(prompt, watermark=watermark, **settings)
+    write_generated(pipe, out, result.frames[0], result.settings[0])
     return {**result.settings[0], "file": str(out)}
 
 
@@ -75,7 +99,7 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def generate_batch(pipe: VideoPipeline | str, prompts_file: Path, out_dir: Path, seed: int = 0, batch_size: int = 8,
-                   **settings) -> Path:
+                   watermark: bool = True, **settings) -> Path:
     """Videos 0000.mp4, 0001.mp4, ... in line order, plus generated.jsonl with each one's settings and
     `ood_score` (how far its prompt lies from the training captions; null when the model has no reference).
 
@@ -90,10 +114,10 @@ def generate_batch(pipe: VideoPipeline | str, prompts_file: Path, out_dir: Path,
     seeds = [int(item.get("seed", seed + i)) for i, item in enumerate(items)]
     names = [f"{i:04d}.mp4" for i in range(len(items))]
     scores = check_prompts(pipe, prompts, [f"prompt {i + 1} ({name})" for i, name in enumerate(names)])
-    result = pipe(prompts, seed=seeds, batch_size=batch_size, **settings)
+    result = pipe(prompts, seed=seeds, batch_size=batch_size, watermark=watermark, **settings)
     records = []
     for name, frames, record, score in zip(names, result.frames, result.settings, scores):
-        write_video(out_dir / name, frames, fps=pipe.fps)
+        write_generated(pipe, out_dir / name, frames, record)
         records.append({**record, "file": name, "ood_score": score})
     log = write_atomic(out_dir / "generated.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return log

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,10 +30,13 @@ from .errors import ConfigError, ModelLoadError
 from .files import atomic_directory
 from .precision import autocast
 from .text.encoders import TextEncoder, load_text_encoder
-from .video.io import frames_to_uint8
+from .provenance import watermark as wm
+from .video.io import frames_to_uint8, uint8_to_tensor
 
 if TYPE_CHECKING:
     from .evaluate.ood import PromptOOD
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUNDLED = {"shapes": WEIGHTS_DIR / "shapes"}
@@ -57,6 +62,26 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def model_version(path: Path, index: dict | None = None) -> str:
+    """model_index.json's "version", else the first 12 hex digits of the SHA-256 of the denoiser's weights."""
+    index = index if index is not None else json.loads((Path(path) / "model_index.json").read_text())
+    if index.get("version"):
+        return str(index["version"])
+    weights = Path(path) / "transformer" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        return "unversioned"
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def watermark_model_label(name: str, version: str) -> str:
+    """What the watermark's 16 model bits are a hash of."""
+    return f"{name}@{version}"
+
+
 @dataclass
 class VideoOutput:
     frames: list[np.ndarray]  # per video, uint8 (T, H, W, 3)
@@ -75,6 +100,7 @@ class VideoPipeline:
         self.defaults = {**SAMPLING_DEFAULTS, **(defaults or {})}
         self._empty = None
         self.path: Path | None = None  # the model directory, when loaded from one
+        self.index: dict = {}  # model_index.json, when loaded from a directory
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None) -> "VideoPipeline":
@@ -95,8 +121,12 @@ class VideoPipeline:
                                          max_length=int(index.get("max_length", 24)))
         pipe = cls(transformer, vae, text_encoder, frames=index["frames"], size=index["size"], fps=index["fps"],
                    defaults=index.get("defaults"), name=index.get("name", path.name))
-        pipe.path = path
+        pipe.path, pipe.index = path, index
         return pipe
+
+    @functools.cached_property
+    def version(self) -> str:
+        return model_version(self.path, self.index) if self.path else "unversioned"
 
     @functools.cached_property
     def ood_reference(self) -> PromptOOD | None:
@@ -150,7 +180,11 @@ class VideoPipeline:
         batch_size: int = 8,
         progress: bool = True,
         callback: Callable[[int, int], None] | None = None,
+        watermark: bool = True,
     ) -> VideoOutput:
+        """Generate one video per prompt. Each carries an invisible watermark naming the model and the
+        generation (see `provenance.watermark`) unless `watermark=False`, which is logged and recorded in
+        the returned settings (and from there in the file's signed manifest)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [int(seed)] * len(prompts) if isinstance(seed, int) else [int(s) for s in seed]
         if len(seeds) != len(prompts):
@@ -197,7 +231,23 @@ class VideoPipeline:
         frames_u8 = [frames_to_uint8(v) for v in video]
         settings = [{"prompt": p, "seed": s, "steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames,
                      "model": self.name} for p, s in zip(prompts, seeds)]
+        if watermark:
+            for i, record in enumerate(settings):
+                payload = self.watermark_payload(record)
+                frames_u8[i] = wm.embed(frames_u8[i], payload)
+                record["watermark"] = {"enabled": True, "payload": f"{payload:08x}", "method": wm.METHOD}
+            video = torch.stack([uint8_to_tensor(f) for f in frames_u8])
+        else:
+            logger.warning("watermarking is off: %d video(s) from model %r carry no invisible mark", len(settings), self.name)
+            for record in settings:
+                record["watermark"] = {"enabled": False}
         return VideoOutput(frames_u8, video, settings)
+
+    def watermark_payload(self, record: dict) -> int:
+        """16 bits naming this model (name and version), 16 naming the generation (prompt, seed and settings)."""
+        generation = json.dumps({k: record[k] for k in ("prompt", "seed", "steps", "guidance", "sampler", "frames")},
+                                sort_keys=True)
+        return wm.make_payload(watermark_model_label(self.name, self.version), generation)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, c, T, h, w) → video (B, 3, T, H, W) in [-1, 1], frame by frame."""

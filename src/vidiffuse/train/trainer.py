@@ -25,8 +25,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..data import shapes
+from ..data.manifest import canonical_json, manifest_sha256, training_data_manifest
 from ..diffusion.flow import flow_matching_loss, sample_t
 from ..errors import ConfigError
+from ..files import write_atomic
 from ..pipeline import vae_scale_factor
 from ..precision import autocast, use_bf16
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -128,6 +130,8 @@ class AutoencoderTask:
 
 
 class DenoiserTask:
+    data_manifest_sha256: str | None = None  # set by train() before export
+
     def __init__(self, cfg: dict, out_dir: Path):
         from diffusers import AutoencoderKL
 
@@ -181,7 +185,8 @@ class DenoiserTask:
         from ..pipeline import save_bundle
 
         save_bundle(out, transformer=ema, vae=self.vae, text_encoder=self.text_encoder, frames=self.frames,
-                    size=self.size, defaults=self.cfg.get("sampling", {}))
+                    size=self.size, defaults=self.cfg.get("sampling", {}),
+                    extra={"training_data_manifest_sha256": self.data_manifest_sha256})
 
 
 def eval_prompts(n: int, seed: int = 1234) -> tuple[list[str], list[dict]]:
@@ -196,6 +201,30 @@ def eval_prompts(n: int, seed: int = 1234) -> tuple[list[str], list[dict]]:
 
 
 TASKS = {"autoencoder": AutoencoderTask, "denoiser": DenoiserTask}
+
+
+DATA_MANIFEST = "data_manifest.json"
+
+
+def _data_manifest(cfg: dict) -> dict:
+    """What this run trains on (licence-checked for folder data), plus the autoencoder's data for a denoiser."""
+    data = cfg["data"]
+    frames, size = int(data.get("frames", shapes.FRAMES)), int(data.get("size", shapes.SIZE))
+    manifest = training_data_manifest(data, frames, size, cfg["run"]["task"])
+    upstream = Path(cfg.get("autoencoder", {}).get("path", "")) / "training" / DATA_MANIFEST
+    if cfg["run"]["task"] == "denoiser" and upstream.is_file():
+        manifest["upstream_manifests"] = {"autoencoder": _file_sha256(upstream)}
+    return manifest
+
+
+def _record_manifest(manifest: dict, out: Path, resume: bool) -> str:
+    """Write the run's data manifest; a resumed run must still be reading the same data."""
+    digest, path = manifest_sha256(manifest), out / DATA_MANIFEST
+    if resume and path.is_file() and _file_sha256(path) != digest:
+        raise ConfigError(f"the training data changed since this run started ({path} no longer matches the data); "
+                          "start a new run (another out_dir) to train on the new data")
+    write_atomic(path, canonical_json(manifest))
+    return digest
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -221,8 +250,12 @@ def train(config_path: str | Path, resume: bool = False, max_steps: int | None =
         out.mkdir(parents=True, exist_ok=True)
         if has_checkpoint(ckpt_dir) and not resume:
             raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another out_dir")
+    # before any data is built: refused licences must stop the run, not an hour of latent encoding
+    data_manifest = _data_manifest(cfg)
+    data_digest = _record_manifest(data_manifest, out, resume) if rank == 0 else manifest_sha256(data_manifest)
     torch.manual_seed(seed)  # model initialisation
     task = TASKS[run["task"]](cfg, out)
+    task.data_manifest_sha256 = data_digest
     model = task.model
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(run["lr"]), weight_decay=float(run["weight_decay"]),
@@ -272,7 +305,8 @@ def train(config_path: str | Path, resume: bool = False, max_steps: int | None =
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             if done % int(run["checkpoint_every"]) == 0 or done == end:
-                save_checkpoint(ckpt_dir, model, ema, optimizer, {"step": done, "config": cfg})
+                save_checkpoint(ckpt_dir, model, ema, optimizer, {"step": done, "config": cfg,
+                                                                  "training_data_manifest_sha256": data_digest})
             if done % int(run["eval_every"]) == 0 or done == steps:
                 result = {"step": done, "eval": task.evaluate(ema)}
                 tqdm.write(json.dumps(result))
@@ -282,6 +316,8 @@ def train(config_path: str | Path, resume: bool = False, max_steps: int | None =
     final = out / "model"
     if rank == 0 and end == steps:
         task.export(ema, final)
+        (final / "training").mkdir(exist_ok=True)
+        write_atomic(final / "training" / DATA_MANIFEST, canonical_json(data_manifest))
     if world > 1:
         dist.barrier()
     return final
