@@ -41,6 +41,10 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="Videos generated together in batch mode."),
     watermark: bool = typer.Option(True, "--watermark/--no-watermark",
                                    help="Invisible watermark in the pixels (on by default; turning it off is recorded in the signed manifest)."),
+    cache_threshold: Optional[float] = typer.Option(
+        None, "--cache-threshold",
+        help="Step caching (First Block Cache): skip the other DiT blocks at a step whose first-block output "
+             "changed by less than this relative L1 amount, e.g. 0.1. Off unless given; 0 never skips."),
 ):
     """Generate a video from a prompt, or a folder of videos from a JSONL of prompts.
 
@@ -52,7 +56,8 @@ def generate(
         raise VidiffuseError("give either a PROMPT or --prompts FILE.jsonl")
     if batch_size < 1:
         raise VidiffuseError(f"--batch-size must be at least 1, got {batch_size}")
-    settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames, "watermark": watermark}
+    settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames, "watermark": watermark,
+                "cache_threshold": cache_threshold}
     if prompt is not None and not prompt.strip():
         raise VidiffuseError("the prompt is empty")
     with warnings_as_lines(logger), warnings_as_lines(logging.getLogger("vidiffuse.pipeline")):
@@ -264,6 +269,43 @@ def _print_metrics(report: dict, baseline: dict | None) -> None:
                       f"[{style}]{row['verdict']}[/{style}]" if style else row["verdict"]]
         table.add_row(*cells)
     Console().print(table)
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("shapes", "--model", "-m", help="Model directory or bundled name."),
+    variants: Optional[str] = typer.Option(None, "--variants",
+                                           help="Comma-separated: fp32, bf16, int8[:weight-only], compile, cache[:THRESHOLD], or "
+                                                "several joined by '+' (int8+cache). Default: fp32,bf16,int8,cache,"
+                                                "compile,int8+cache. The plain diffusers loop always runs as the yardstick."),
+    n: int = typer.Option(32, "--n", help="Golden prompts (the same prompts and seeds for every variant)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (model default if unset)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler, unipc or dpm++."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Videos per timed batch."),
+    repeats: int = typer.Option(2, "--repeats", help="Timed passes over all prompts, after an untimed warm-up."),
+    out: Path = typer.Option(Path("bench"), "--out", help="Folder for bench.json, bench.md and bench.png."),
+):
+    """Time and score every speed-up variant side by side with a plain diffusers loop on the same weights."""
+    from .compress.bench import format_summary, run_bench
+
+    report = run_bench(model, variants, n_prompts=n, steps=steps, guidance=guidance, sampler=sampler,
+                       batch_size=batch_size, out_dir=out, repeats=repeats)
+    typer.echo(format_summary(report))
+    err.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Model directory or bundled name (shapes)."),
+    out: Path = typer.Option(..., "--out", "-o", help="New model directory to write."),
+    mode: str = typer.Option("int8-dynamic", "--mode", help="int8-dynamic (fastest on CPU), int8-weight-only "
+                             "(as small, fp32 speed) or bf16 (bf16 compute only where the CPU has it natively)."),
+):
+    """Write a copy of a model with its denoiser quantized; `generate --model OUT` runs it."""
+    from .compress.quantize import format_report, quantize_model
+
+    typer.echo(format_report(quantize_model(model, out, mode)))
 
 
 @govern_app.command("bias")

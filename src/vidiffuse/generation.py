@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .compress.cache import maybe_step_cache
 from .errors import ConfigError, VideoWriteError
 from .files import write_atomic
 from .pipeline import VideoPipeline
@@ -45,7 +46,8 @@ def check_prompts(pipe: VideoPipeline, prompts: list[str], labels: list[str]) ->
 
 def provenance_record(pipe: VideoPipeline, record: dict) -> dict:
     """What the signed manifest says about one generation: never the prompt, only its hash."""
-    settings = {k: record[k] for k in ("seed", "steps", "guidance", "sampler", "frames")}
+    settings = {k: record[k] for k in ("seed", "steps", "guidance", "sampler", "frames", "step_cache_threshold")
+                if k in record}
     return {"model": {"name": pipe.name, "version": pipe.version},
             "settings": {**settings, "fps": pipe.fps, "size": pipe.size},
             "prompt_sha256": prompt_sha256(record["prompt"]),
@@ -65,13 +67,18 @@ def write_generated(pipe: VideoPipeline, path: Path, frames, record: dict) -> No
         staging.unlink(missing_ok=True)
 
 
-def generate_file(pipe: VideoPipeline, prompt: str, out: Path, watermark: bool = True, **settings) -> dict:
+def generate_file(pipe: VideoPipeline, prompt: str, out: Path, watermark: bool = True,
+                  cache_threshold: float | None = None, **settings) -> dict:
+    """`cache_threshold`: First Block Cache on the denoiser (see `compress.cache`); None: off."""
     out = Path(out)
     check_writable(out.parent)
     check_prompts(pipe, [prompt], ["the prompt"])
-    result = pipe(prompt, watermark=watermark, **settings)
+    with maybe_step_cache(pipe.transformer, cache_threshold) as cache:
+        result = pipe(prompt, watermark=watermark, **settings)
+    if cache_threshold is not None:  # cached output differs from uncached: the manifest says which it is
+        result.settings[0]["step_cache_threshold"] = cache_threshold
     write_generated(pipe, out, result.frames[0], result.settings[0])
-    return {**result.settings[0], "file": str(out)}
+    return {**result.settings[0], "file": str(out), **({"step_cache": cache.as_dict()} if cache else {})}
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -99,7 +106,7 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def generate_batch(pipe: VideoPipeline | str, prompts_file: Path, out_dir: Path, seed: int = 0, batch_size: int = 8,
-                   watermark: bool = True, **settings) -> Path:
+                   watermark: bool = True, cache_threshold: float | None = None, **settings) -> Path:
     """Videos 0000.mp4, 0001.mp4, ... in line order, plus generated.jsonl with each one's settings and
     `ood_score` (how far its prompt lies from the training captions; null when the model has no reference).
 
@@ -114,10 +121,15 @@ def generate_batch(pipe: VideoPipeline | str, prompts_file: Path, out_dir: Path,
     seeds = [int(item.get("seed", seed + i)) for i, item in enumerate(items)]
     names = [f"{i:04d}.mp4" for i in range(len(items))]
     scores = check_prompts(pipe, prompts, [f"prompt {i + 1} ({name})" for i, name in enumerate(names)])
-    result = pipe(prompts, seed=seeds, batch_size=batch_size, watermark=watermark, **settings)
+    with maybe_step_cache(pipe.transformer, cache_threshold) as cache:
+        result = pipe(prompts, seed=seeds, batch_size=batch_size, watermark=watermark, **settings)
+    cache_record = {"step_cache": cache.as_dict()} if cache else {}  # totals over the whole file
+    if cache_threshold is not None:
+        for record in result.settings:
+            record["step_cache_threshold"] = cache_threshold
     records = []
     for name, frames, record, score in zip(names, result.frames, result.settings, scores):
         write_generated(pipe, out_dir / name, frames, record)
-        records.append({**record, "file": name, "ood_score": score})
+        records.append({**record, "file": name, "ood_score": score, **cache_record})
     log = write_atomic(out_dir / "generated.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return log

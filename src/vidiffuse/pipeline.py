@@ -111,7 +111,12 @@ class VideoPipeline:
         path = resolve_model_path(model)
         try:
             index = json.loads((path / "model_index.json").read_text())
-            transformer = VideoDiT.from_pretrained(path / "transformer", torch_dtype=torch.float32)
+            if index.get("quantization"):  # written by `vidiffuse quantize`: int8 or bf16 denoiser weights
+                from .compress.quantize import load_quantized_transformer
+
+                transformer = load_quantized_transformer(path / "transformer", index["quantization"])
+            else:
+                transformer = VideoDiT.from_pretrained(path / "transformer", torch_dtype=torch.float32)
             vae = AutoencoderKL.from_pretrained(path / "vae")
         except ModelLoadError:
             raise
@@ -254,7 +259,9 @@ class VideoPipeline:
         b, c, t, h, w = latents.shape
         z = latents.transpose(1, 2).reshape(b * t, c, h, w) / self.vae.config.scaling_factor
         z = z.to(torch.float32).contiguous(memory_format=torch.channels_last)
-        x = self.vae.decode(z).sample.float().clamp(-1, 1)
+        # one video's frames at a time: decoding a whole batch at once ran 1.6x slower on 2 cores
+        # (2.34 s against 1.47 s for 8 videos; the activations no longer fit in cache) and held more memory
+        x = torch.cat([self.vae.decode(chunk).sample.float() for chunk in z.split(t)]).clamp(-1, 1)
         return x.view(b, t, 3, *x.shape[-2:]).transpose(1, 2)
 
 

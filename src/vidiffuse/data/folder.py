@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vidiffuse.errors import ConfigError, VideoReadError
-from vidiffuse.video.io import error_reason, uint8_to_tensor
+from vidiffuse.video.io import error_reason, probe_video, uint8_to_tensor
 
 __all__ = ["VideoFolderDataset"]
 
@@ -60,27 +60,9 @@ def _load_captions(path: Path) -> list[tuple[str, str]]:
 
 
 def _probe(path: Path, caption: str) -> _Clip:
-    """Read container headers only (no decoding) so construction stays cheap on large folders."""
-    if not path.is_file():
-        raise VideoReadError("file not found")
-    if path.stat().st_size == 0:
-        raise VideoReadError("file is empty")
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise VideoReadError("no video stream")
-        s = container.streams.video[0]
-        if not s.width or not s.height:
-            raise VideoReadError("unknown frame size")
-        rate = s.average_rate or s.guessed_rate
-        if s.duration is not None and s.time_base:
-            duration = float(s.duration * s.time_base)
-        elif container.duration is not None:
-            duration = container.duration / av.time_base
-        elif s.frames and rate:
-            duration = s.frames / float(rate)
-        else:
-            duration = None
-        return _Clip(path, caption, duration, float(rate) if rate else None, s.width, s.height)
+    """Container headers only (no decoding) so construction stays cheap on large folders."""
+    info = probe_video(path)
+    return _Clip(path, caption, info["duration_s"], info["fps"], info["width"], info["height"])
 
 
 class VideoFolderDataset(Dataset):

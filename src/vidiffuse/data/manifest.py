@@ -29,7 +29,7 @@ import av
 
 from vidiffuse.errors import ConfigError, VideoReadError
 from vidiffuse.files import write_atomic
-from vidiffuse.video.io import error_reason
+from vidiffuse.video.io import error_reason, probe_video
 
 from .fingerprint import list_videos
 
@@ -210,31 +210,9 @@ def _sha256(path: Path) -> str:
 
 
 def _probe(path: Path) -> dict:
-    """Duration, frame rate, size and frame count from the headers, plus one decoded frame as a health check."""
-    if path.stat().st_size == 0:
-        raise VideoReadError("file is empty")
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise VideoReadError("no video stream")
-        s = container.streams.video[0]
-        if not s.width or not s.height:
-            raise VideoReadError("unknown frame size")
-        rate = s.average_rate or s.guessed_rate
-        if s.duration is not None and s.time_base:
-            duration = float(s.duration * s.time_base)
-        elif container.duration is not None:
-            duration = container.duration / av.time_base
-        else:
-            duration = None
-        frames = s.frames or None
-        codec = s.codec_context.name
-        if next(container.decode(s), None) is None:
-            raise VideoReadError("no decodable frames")
-    if duration is None and frames and rate:
-        duration = frames / float(rate)
-    return {"duration_s": round(duration, 6) if duration is not None else None,
-            "fps": round(float(rate), 6) if rate else None, "width": s.width, "height": s.height,
-            "frames": frames, "codec": codec}
+    info = probe_video(path, decode_check=True)
+    return {**info, "duration_s": round(info["duration_s"], 6) if info["duration_s"] is not None else None,
+            "fps": round(info["fps"], 6) if info["fps"] else None}
 
 
 _MIME = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".mkv": "video/x-matroska",

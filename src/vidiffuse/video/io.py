@@ -18,7 +18,7 @@ import torch
 
 from vidiffuse.errors import VideoReadError, VideoWriteError
 
-__all__ = ["encode_video_bytes", "frames_to_uint8", "read_video", "uint8_to_tensor", "write_video"]
+__all__ = ["encode_video_bytes", "frames_to_uint8", "probe_video", "read_video", "uint8_to_tensor", "write_video"]
 
 
 def error_reason(e: BaseException) -> str:
@@ -151,3 +151,38 @@ def read_video(path, max_frames: int | None = None) -> tuple[torch.Tensor, float
     if not rate:
         raise fail("unknown frame rate")
     return uint8_to_tensor(np.stack(frames)), float(rate)
+
+
+def probe_video(path, decode_check: bool = False) -> dict:
+    """Size, frame rate, duration, frame count and codec from the container headers, without decoding
+    (``decode_check`` also decodes the first frame, as a health check).
+
+    Returns ``{"duration_s", "fps", "width", "height", "frames", "codec"}`` (None where the file does not say);
+    raises VideoReadError (reason only; callers add the file) or the av/OS error for unreadable files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError("file not found")
+    if path.stat().st_size == 0:
+        raise VideoReadError("file is empty")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise VideoReadError("no video stream")
+        s = container.streams.video[0]
+        if not s.width or not s.height:
+            raise VideoReadError("unknown frame size")
+        rate = s.average_rate or s.guessed_rate
+        frames = s.frames or None
+        if s.duration is not None and s.time_base:
+            duration = float(s.duration * s.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        elif frames and rate:
+            duration = frames / float(rate)
+        else:
+            duration = None
+        codec = s.codec_context.name
+        if decode_check and next(container.decode(s), None) is None:
+            raise VideoReadError("no decodable frames")
+    return {"duration_s": duration, "fps": float(rate) if rate else None, "width": s.width, "height": s.height,
+            "frames": frames, "codec": codec}

@@ -1,0 +1,37 @@
+"""Compression benchmark: every speed-up variant against the plain diffusers loop, on the bundled model.
+
+    .venv/bin/python benchmarks/compress.py            # the committed results: 32 golden prompts, 2 timed passes
+
+The same as `vidiffuse bench` with the settings the committed results were made with; run it on a quiet
+machine (timings on a shared CPU wander by tens of percent). Writes benchmarks/results/compress/bench.json,
+bench.md and bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vidiffuse.compress.bench import DEFAULT_VARIANTS, format_summary, run_bench
+
+OUT = Path(__file__).parent / "results" / "compress"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="shapes")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    # sampling settings stay the model's defaults (UniPC, 20 steps, guidance 4 for the bundled model)
+    report = run_bench(args.model, args.variants, n_prompts=args.n, batch_size=args.batch_size, repeats=args.repeats,
+                       out_dir=args.out)
+    print(format_summary(report))
+    print(f"wrote {args.out}/bench.json, bench.md and bench.png")
+
+
+if __name__ == "__main__":
+    main()
