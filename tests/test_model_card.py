@@ -116,7 +116,8 @@ def test_risk_report_covers_all_rmf_functions_and_the_600_1_risks(tmp_path):
     assert all(r["why"] for r in gai.values())
     # trained on procedural shapes only: privacy does not apply, confabulation does (adherence is measured)
     assert gai["Data Privacy"]["applies"] == "no" and gai["Confabulation"]["applies"] == "yes"
-    assert "adherence_mean 0.758" in gai["Confabulation"]["evidence"]
+    adherence = json.loads(EVAL_REPORT.read_text())["metrics"]["adherence_mean"]
+    assert f"adherence_mean {adherence:.3f}" in gai["Confabulation"]["evidence"]
 
 
 def test_card_shows_the_watermark_benchmark_numbers(tmp_path):
