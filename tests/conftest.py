@@ -57,6 +57,16 @@ def tiny_bundle(tmp_path_factory, text_encoder):
     return out
 
 
+def disguised_copy(src, dst, crf=28, brightness=0):
+    """A copy of a video that is not the same file: decoded, brightness-shifted, encoded again at another quality."""
+    import numpy as np
+
+    from vidiffuse.video import frames_to_uint8, read_video, write_video
+
+    frames = frames_to_uint8(read_video(src)[0]).astype(np.int16) + brightness
+    write_video(dst, np.clip(frames, 0, 255).astype(np.uint8), crf=crf)
+
+
 def run_cli(*args, timeout=300, cwd=None):
     """Run the real `vidiffuse` entry point in a fresh process."""
     return subprocess.run([sys.executable, "-m", "vidiffuse.cli", *map(str, args)], capture_output=True, text=True,

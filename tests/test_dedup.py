@@ -4,16 +4,10 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import disguised_copy, run_cli
 from vidiffuse.data.dedup import dedup_report, find_duplicates, find_leakage, format_report
 from vidiffuse.data.shapes import synthesize
 from vidiffuse.errors import ConfigError
-from vidiffuse.video import frames_to_uint8, read_video, write_video
-
-
-def reencode(src, dst, crf, brightness=0):
-    frames = frames_to_uint8(read_video(src)[0]).astype(np.int16) + brightness
-    write_video(dst, np.clip(frames, 0, 255).astype(np.uint8), crf=crf)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +16,7 @@ def splits(tmp_path_factory):
     train = synthesize(base / "train", 6, seed=11, progress=False)
     evaluation = synthesize(base / "eval", 4, seed=12, progress=False)
     shutil.copy(train / "000001.mp4", evaluation / "copied.mp4")
-    reencode(train / "000003.mp4", evaluation / "reencoded.mp4", crf=32, brightness=-15)
+    disguised_copy(train / "000003.mp4", evaluation / "reencoded.mp4", crf=32, brightness=-15)
     (evaluation / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     return train, evaluation
 
@@ -48,7 +42,7 @@ def test_near_duplicates_within_one_folder_form_a_group(splits, tmp_path):
     root = tmp_path / "ds"
     shutil.copytree(train, root)
     shutil.copy(root / "000002.mp4", root / "dup_a.mp4")
-    reencode(root / "000002.mp4", root / "sub" / "dup_b.mp4", crf=26, brightness=10)
+    disguised_copy(root / "000002.mp4", root / "sub" / "dup_b.mp4", crf=26, brightness=10)
     report = dedup_report(root)
     assert report["check"] == "near_duplicates" and report["n_clips"] == 8
     assert report["n_pairs"] == 3 and report["groups"] == [["000002.mp4", "dup_a.mp4", "sub/dup_b.mp4"]]

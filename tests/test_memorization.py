@@ -4,20 +4,13 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import disguised_copy, run_cli
 from vidiffuse.data.fingerprint import (
     SIMILARITY_THRESHOLD, fingerprint_arrays, fingerprint_dir, fingerprint_frames, similarity,
 )
 from vidiffuse.data.shapes import generate_example, synthesize
 from vidiffuse.errors import ConfigError
 from vidiffuse.govern.memorization import calibrate_threshold, check_memorization, memorization_report
-from vidiffuse.video import frames_to_uint8, read_video, write_video
-
-
-def reencode(src, dst, crf=28, brightness=0):
-    """A disguised copy: decoded, brightness-shifted, encoded again at another quality."""
-    frames = frames_to_uint8(read_video(src)[0]).astype(np.int16) + brightness
-    write_video(dst, np.clip(frames, 0, 255).astype(np.uint8), crf=crf)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +18,7 @@ def folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("mem")
     train = synthesize(base / "train", 8, seed=1, progress=False)
     generated = synthesize(base / "generated", 6, seed=7, progress=False)
-    reencode(train / "000004.mp4", generated / "planted.mp4", crf=30, brightness=20)
+    disguised_copy(train / "000004.mp4", generated / "planted.mp4", crf=30, brightness=20)
     return train, generated
 
 

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from vidiffuse.errors import VideoReadError
-from vidiffuse.video.io import error_reason
+from vidiffuse.video.io import error_reason, probe_video
 
 __all__ = [
     "SAMPLED_FRAMES", "SIMILARITY_THRESHOLD", "VIDEO_SUFFIXES", "Fingerprints", "fingerprint_arrays",
@@ -109,15 +109,7 @@ def _count_frames(path: Path) -> int:
 def read_sampled_frames(path: str | os.PathLike, k: int = SAMPLED_FRAMES) -> np.ndarray:
     """``k`` frames evenly spaced over the video, decoded at ``FRAME_SIDE``², uint8 ``(k, S, S, 3)``."""
     path = Path(path)
-    if not path.is_file():
-        raise VideoReadError("no such file")
-    if path.stat().st_size == 0:
-        raise VideoReadError("file is empty")
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise VideoReadError("no video stream")
-        total = container.streams.video[0].frames
-    total = total or _count_frames(path)  # some containers do not state the frame count
+    total = probe_video(path)["frames"] or _count_frames(path)  # some containers do not state the frame count
     if not total:
         raise VideoReadError("no video frames")
     wanted = _sample_indices(total, k)
