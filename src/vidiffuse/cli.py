@@ -45,12 +45,19 @@ def generate(
         None, "--cache-threshold",
         help="Step caching (First Block Cache): skip the other DiT blocks at a step whose first-block output "
              "changed by less than this relative L1 amount, e.g. 0.1. Off unless given; 0 never skips."),
+    image: Optional[Path] = typer.Option(None, "--image", help="First frame, for image-to-video (Wan/CogVideoX I2V, LTX-Video)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Diffusers models: bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on CPU)."),
+    offload: Optional[str] = typer.Option(None, "--offload", help="Diffusers models: 'model' or 'sequential' CPU offload, to fit GPU memory."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Diffusers models: VAE tiling and slicing, for large frames."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Diffusers models: bnb-4bit, bnb-8bit or torchao-int8 weights."),
+    height: Optional[int] = typer.Option(None, "--height", help="Diffusers models: frame height (model default if unset)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Diffusers models: frame width (model default if unset)."),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA directory to stack on the model, as DIR or DIR:SCALE (e.g. runs/x/lora:0.8). Repeatable."),
 ):
     """Generate a video from a prompt, or a folder of videos from a JSONL of prompts.
 
     Every video carries a signed C2PA manifest; by default also an invisible watermark."""
     from .generation import generate_batch, generate_file, logger
-    from .pipeline import VideoPipeline
 
     if (prompt is None) == (prompts is None):
         raise VidiffuseError("give either a PROMPT or --prompts FILE.jsonl")
@@ -60,12 +67,27 @@ def generate(
                 "cache_threshold": cache_threshold}
     if prompt is not None and not prompt.strip():
         raise VidiffuseError("the prompt is empty")
+    from .backends import generation_setup
+
+    target, settings = generation_setup(model, settings, image=image, prompts_file=prompts, dtype=dtype,
+                                        offload=offload, vae_tiling=vae_tiling, quantize=quantize, height=height, width=width)
+    if lora:
+        from .generation import read_prompts
+        from .models.lora import parse_lora_spec
+        from .pipeline import VideoPipeline
+
+        if not isinstance(target, VideoPipeline):  # batch mode on a bundle: check the prompts, then load
+            read_prompts(prompts)
+            target = VideoPipeline.from_pretrained(target)
+        with warnings_as_lines(logging.getLogger("vidiffuse.models.lora")):
+            for spec in lora:
+                target.load_lora(*parse_lora_spec(spec))
     with warnings_as_lines(logger), warnings_as_lines(logging.getLogger("vidiffuse.pipeline")):
         if prompts is not None:
-            log = generate_batch(model, prompts, out_dir, seed=seed, batch_size=batch_size, **settings)
+            log = generate_batch(target, prompts, out_dir, seed=seed, batch_size=batch_size, **settings)
             err.print(f"wrote {sum(1 for _ in log.open())} videos to {out_dir} (settings in {log})")
         else:
-            record = generate_file(VideoPipeline.from_pretrained(model), prompt, output, seed=seed, **settings)
+            record = generate_file(target, prompt, output, seed=seed, **settings)
             err.print(f"wrote {record['file']}")
 
 
@@ -120,11 +142,12 @@ def train(
     config: Path = typer.Option(..., "--config", "-c", help="TOML training config (see configs/)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (then --resume)."),
+    lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter on a frozen base model ([lora] section; default base: shapes)."),
 ):
-    """Train an autoencoder or a denoiser; launch with torchrun for DDP."""
+    """Train an autoencoder or a denoiser, or a LoRA on one (--lora); launch with torchrun for DDP or FSDP."""
     from .train.trainer import train as run_training
 
-    out = run_training(config, resume=resume, max_steps=max_steps)
+    out = run_training(config, resume=resume, max_steps=max_steps, lora=lora)
     err.print(f"done: {out}")
 
 
@@ -308,6 +331,35 @@ def quantize(
     typer.echo(format_report(quantize_model(model, out, mode)))
 
 
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="Model directory or bundled name (shapes)."),
+    out: Path = typer.Option(..., "--out", "-o", help="New model directory to write."),
+    ratio: float = typer.Option(0.3, "--ratio", help="Share of the denoiser's parameters to remove (0 < ratio < 1)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads each block keeps (default: all); "
+                                        "MLP channels then go until the ratio is reached."),
+    steps: int = typer.Option(400, "--steps", help="Recovery fine-tune steps (distilling the source model); 0: none."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Recovery batch size."),
+    lr: float = typer.Option(2e-4, "--lr", help="Recovery peak learning rate (warmup, then cosine decay)."),
+    clips: int = typer.Option(1500, "--clips", help="Shapes-world clips encoded for calibration and recovery."),
+    eval_prompts: int = typer.Option(32, "--eval-prompts", help="Prompts scored by the analyzer during recovery; 0: none."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Folder for the data cache and checkpoints (default OUT.work)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the recovery checkpoint in the work folder."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes with a "
+                                               "checkpoint; --resume continues."),
+):
+    """Write a copy of a model with attention heads and MLP channels pruned from its denoiser, fine-tuned to recover."""
+    from .compress.prune import format_report, prune_model
+
+    for name, value in (("--batch-size", batch_size), ("--clips", clips)):
+        if value < 1:
+            raise VidiffuseError(f"{name} must be at least 1, got {value}")
+    report = prune_model(model, out, ratio, heads, work_dir=work, resume=resume, data={"num_clips": clips},
+                         recovery={"steps": steps, "batch_size": batch_size, "lr": lr, "eval_prompts": eval_prompts},
+                         time_limit_s=None if time_limit is None else 60 * time_limit, progress=err.print)
+    typer.echo(format_report(report))
+
+
 @govern_app.command("bias")
 def govern_bias(
     model: str = typer.Option("shapes", "--model", "-m", help="Model directory or bundled name."),
@@ -391,6 +443,324 @@ def govern_card(
     err.print("wrote " + " and ".join(str(p) for p in paths.values()))
 
 
+keys_app = typer.Typer(help="API keys for `vidiffuse serve`.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    workers: int = typer.Option(1, "--workers", min=0, max=64, help="Worker processes to run beside the API."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Registered model name (follows its `production` alias), bundled name or directory."),
+    queue: Optional[str] = typer.Option(None, "--queue", help="sqlite (embedded, default) or redis (with --redis-url)."),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url"),
+):
+    """Serve the HTTP API (docs at /docs), the web page (/) and /metrics, with supervised workers.
+
+    Settings come from VIDIFFUSE_* environment variables (see README); options here override them."""
+    from .serve.server import serve as run_server
+
+    run_server(_serve_settings(model=model, queue=queue, redis_url=redis_url), host=host, port=port, workers=workers)
+
+
+@app.command()
+def worker(
+    max_jobs: Optional[int] = typer.Option(None, "--max-jobs", min=1, help="Exit after this many jobs."),
+):
+    """Run one worker: claim queued jobs and generate them (with `--queue redis`: a Dramatiq worker)."""
+    from .serve.app import configure_logging
+
+    configure_logging()
+    settings = _serve_settings()
+    if settings.queue == "redis":
+        from .serve.redis_queue import run_redis_worker
+
+        run_redis_worker(settings)
+    else:
+        from .serve.worker import run_worker
+
+        run_worker(settings, max_jobs=max_jobs)
+
+
+def _serve_settings(**overrides):
+    from pydantic import ValidationError
+
+    from .serve.settings import ServeSettings
+
+    try:
+        return ServeSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        raise VidiffuseError("bad service setting: " + "; ".join(
+            f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="Who the key is for (unique)."),
+    rate: Optional[int] = typer.Option(None, "--rate", min=1, help="Jobs per minute (server default if unset)."),
+    quota: Optional[int] = typer.Option(None, "--quota", min=1, help="Jobs per day (server default if unset)."),
+):
+    """Create an API key. The key is printed once, here; only its hash is stored."""
+    from .serve.store import Store
+
+    settings = _serve_settings()
+    key, secret = Store(settings.db_path).create_key(name, rate or settings.rate_per_minute, quota or settings.quota_per_day)
+    err.print(f"created key [bold]{key.name}[/bold] ({key.rate_per_minute}/min, {key.quota_per_day}/day). "
+              "It is shown only now; send it as `Authorization: Bearer KEY`:")
+    typer.echo(secret)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str = typer.Argument(...)):
+    """Revoke a key: its next request is refused (401)."""
+    from .serve.store import Store
+
+    Store(_serve_settings().db_path).revoke_key(name)
+    err.print(f"revoked key {name}")
+
+
+@keys_app.command("list")
+def keys_list():
+    """Keys with their limits (never the secrets)."""
+    from datetime import datetime, timezone
+
+    from rich.table import Table
+
+    from .serve.store import Store
+
+    table = Table("name", "id", "created", "status", "rate/min", "quota/day")
+    for k in Store(_serve_settings().db_path).keys():
+        when = datetime.fromtimestamp(k.created, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        table.add_row(k.name, k.id, when, "revoked" if k.revoked else "active", str(k.rate_per_minute), str(k.quota_per_day))
+    Console().print(table)
+
+
+registry_app = typer.Typer(help="Model registry: versions, aliases (production, candidate), eval-gated promotion, "
+                                "rollback, audit log.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+def _tags(specs: list[str]) -> dict[str, str]:
+    pairs = [s.partition("=") for s in specs]
+    bad = [s for s, (k, eq, _) in zip(specs, pairs) if not k.strip() or not eq]
+    if bad:
+        raise VidiffuseError(f"--tag wants KEY=VALUE, got {bad[0]!r}")
+    return {k.strip(): v for k, _, v in pairs}
+
+
+@registry_app.command("register")
+def registry_register(
+    name: str = typer.Argument(..., help="Registered model name (created on its first version)."),
+    model_dir: str = typer.Argument(..., help="Model directory (with model_index.json) or bundled name."),
+    eval_report: Optional[Path] = typer.Option(None, "--eval-report", help="report.json from `vidiffuse eval` of this model."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Model card (default: the directory's MODEL_CARD.md or README.md)."),
+    description: str = typer.Option("", "--description"),
+    tag: list[str] = typer.Option([], "--tag", help="KEY=VALUE, repeatable."),
+):
+    """Copy a model directory into the registry as NAME's next version."""
+    from .registry import ModelRegistry
+
+    mv = ModelRegistry().register(name, model_dir, eval_report=eval_report, card=card, description=description,
+                                  tags=_tags(tag))
+    err.print(f"registered {mv.label} (model version {mv.model_version}"
+              f"{'' if mv.eval_report else ', no eval report yet'}) at {mv.path}")
+
+
+@registry_app.command("list")
+def registry_list(name: Optional[str] = typer.Argument(None, help="One model's versions (default: every model).")):
+    """Registered models and versions with their aliases and headline metrics."""
+    import json
+
+    from rich.table import Table
+
+    from .registry import ModelRegistry
+
+    reg = ModelRegistry()
+    table = Table("model", "version", "aliases", "model version", "adherence", "fvd", "created", "description")
+    for model in [name] if name else reg.models():
+        for mv in reg.versions(model):
+            metrics = json.loads(mv.eval_report.read_text()).get("metrics", {}) if mv.eval_report else {}
+            fmt = lambda k: "—" if metrics.get(k) is None else f"{metrics[k]:.4g}"  # noqa: E731
+            table.add_row(model, str(mv.version), ", ".join(mv.aliases), mv.model_version, fmt("adherence_mean"),
+                          fmt("fvd_shapes"), mv.created[:19].replace("T", " "), mv.description)
+    Console().print(table)
+
+
+@registry_app.command("show")
+def registry_show(
+    name: str = typer.Argument(...),
+    alias: Optional[str] = typer.Option(None, "--alias", help="The version this alias points at (default: production)."),
+    version: Optional[int] = typer.Option(None, "--version", help="A version by number."),
+    as_json: bool = typer.Option(False, "--json", help="Print it as JSON."),
+):
+    """One version's details: path, hashes, report, card, tags, aliases."""
+    import json
+
+    from .registry import ModelRegistry, RegistryError
+
+    if alias is not None and version is not None:
+        raise VidiffuseError("give --alias or --version, not both")
+    reg = ModelRegistry()
+    mv = reg.get(name, version) if version is not None else reg.resolve(name, alias or "production")
+    if mv is None:
+        reg.versions(name)  # an unknown model gets its own error
+        raise RegistryError(f"{name} has no alias {alias or 'production'!r} (aliases: "
+                            f"{', '.join(reg.aliases(name)) or 'none'})")
+    if as_json:
+        typer.echo(json.dumps(mv.to_dict(), indent=2))
+        return
+    for key, value in mv.to_dict().items():
+        typer.echo(f"{key + ':':<31} {value}")
+
+
+@registry_app.command("alias")
+def registry_alias(
+    name: str = typer.Argument(...),
+    alias: str = typer.Argument(..., help="e.g. candidate"),
+    version: int = typer.Argument(...),
+    force: bool = typer.Option(False, "--force", help="Allow moving production without the eval gate."),
+):
+    """Point an alias at a version (no gate; `production` goes through `promote`)."""
+    from .registry import ModelRegistry
+
+    if alias == "production" and not force:
+        raise VidiffuseError("production moves through `vidiffuse registry promote` (eval-gated) or `rollback`; "
+                             "--force sets it directly")
+    mv = ModelRegistry().set_alias(name, alias, version)
+    err.print(f"{alias} → {mv.label}")
+
+
+@registry_app.command("attach-report")
+def registry_attach_report(
+    name: str = typer.Argument(...),
+    version: int = typer.Argument(...),
+    report: Path = typer.Argument(..., help="report.json from `vidiffuse eval --model <the version's path>`."),
+):
+    """Give a version its eval report (or replace it)."""
+    from .registry import ModelRegistry
+
+    mv = ModelRegistry().attach_report(name, version, report)
+    err.print(f"attached {report} to {mv.label}")
+
+
+@registry_app.command("promote")
+def registry_promote(
+    name: str = typer.Argument(...),
+    version: int = typer.Argument(...),
+    alias: str = typer.Option("production", "--alias"),
+    tolerance: list[str] = typer.Option([], "--tolerance", help="Relative tolerance: '0.05' for all metrics, or "
+                                        "'adherence_mean=0.02'. Repeatable."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the gate fails (recorded in the audit log)."),
+    evaluate: bool = typer.Option(False, "--eval", help="Evaluate the version first if it has no eval report "
+                                  "(with the current version's report settings; takes minutes)."),
+):
+    """Move an alias (production) to VERSION if its eval report is no worse than the current version's."""
+    from rich.markup import escape
+
+    from .evaluate.suite import parse_tolerances
+    from .registry import ModelRegistry, PromotionRefused
+
+    reg = ModelRegistry()
+    before = reg.resolve(name, alias)
+    try:
+        mv = reg.promote(name, version, alias=alias, tolerances=parse_tolerances(tolerance), force=force,
+                         evaluate=evaluate, progress=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
+    except PromotionRefused as e:
+        err.print(f"[red]refused: {name} version {version} does not pass the gate for {alias}[/red]")
+        for reason in e.reasons:
+            err.print(f"  {escape(reason)}")
+        raise typer.Exit(1)
+    gate = next((a["gate"] for a in reversed(reg.audit(name))
+                 if a["action"] == "promote" and a["alias"] == alias and a["to"] == version), {})
+    if before is not None and before.version == version:
+        err.print(f"{alias} already points at {mv.label}")
+    elif gate.get("reasons"):
+        err.print(f"[yellow]{alias} → {mv.label}, forced past the gate:[/yellow] " + escape("; ".join(gate["reasons"])))
+    elif before is None or gate.get("note"):
+        err.print(f"[green]{alias} → {mv.label}[/green] ({escape(gate.get('note') or f'no version on {alias} before: nothing to gate against')})")
+    else:
+        err.print(f"[green]{alias} → {mv.label}[/green] (gate passed against version {before.version})")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: str = typer.Argument(...),
+    alias: str = typer.Option("production", "--alias"),
+):
+    """Move an alias back to the version it pointed at before."""
+    from .registry import ModelRegistry
+
+    reg = ModelRegistry()
+    before = reg.resolve(name, alias)
+    mv = reg.rollback(name, alias=alias)
+    err.print(f"{alias}: {before.label if before else '?'} → {mv.label}")
+
+
+@registry_app.command("audit")
+def registry_audit(
+    name: Optional[str] = typer.Argument(None),
+    as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON lines."),
+):
+    """Every registration, alias move, promotion (refused ones too) and rollback, oldest first."""
+    import json
+
+    from rich.table import Table
+
+    from .registry import ModelRegistry
+
+    entries = ModelRegistry().audit(name)
+    if as_json:
+        for entry in entries:
+            typer.echo(json.dumps(entry))
+        return
+    table = Table("when", "who", "action", "model", "alias", "from", "to", "details")
+    for e in entries:
+        gate = e.get("gate") or {}
+        details = ("forced past: " if e.get("forced") else "") + "; ".join(gate.get("reasons", []))
+        details = details or gate.get("note", "") or (f"v{e['version']}" if "version" in e else "")
+        table.add_row(e["when"][:19].replace("T", " "), e["who"], e["action"], e["model"], e.get("alias", ""),
+                      "—" if e.get("from") is None else str(e["from"]), str(e.get("to", "")), details,
+                      style="red" if e["action"] == "promote_refused" else None)
+    Console().print(table)
+
+
+@registry_app.command("verify")
+def registry_verify(name: str = typer.Argument(...), version: int = typer.Argument(...)):
+    """Check that a registered version's files are still the ones registered (exit 1 if not)."""
+    from .registry import ModelRegistry
+
+    problems = ModelRegistry().verify(name, version)
+    for p in problems:
+        err.print(f"  {p}")
+    if problems:
+        raise VidiffuseError(f"{name}@{version} changed since registration ({len(problems)} file(s))")
+    err.print(f"{name}@{version}: every file matches its registered SHA-256")
+
+
+monitor_app = typer.Typer(help="Drift monitoring and the canary of a running service.", no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("canary-reference")
+def monitor_canary_reference(
+    model: str = typer.Option("shapes", "--model", "-m", help="Model directory or bundled name (shapes)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Reference file (default: the one the worker's canary reads, "
+                                            "$VIDIFFUSE_HOME/monitor/canary/<model>@<version>.safetensors)."),
+    n: int = typer.Option(8, "--n", help="Golden prompts to regenerate on every canary run."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (model default if unset)."),
+):
+    """Record the canary's reference: the model's videos for fixed golden prompts and seeds, on this machine."""
+    from .monitor import default_reference_path, make_canary_reference
+    from .pipeline import VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained(model)
+    path = make_canary_reference(pipe, out or default_reference_path(pipe), n=n, steps=steps)
+    err.print(f"wrote {path} ({n} golden videos of {pipe.name} version {pipe.version})")
+
+
 def quiet_libraries() -> None:
     """diffusers/transformers chatter (weight-loading bars, optional-dependency notes) is not for users."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -400,6 +770,7 @@ def quiet_libraries() -> None:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" of Wan/LTX/CogVideoX directories
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def write_generated(pipe: VideoPipeline, path: Path, frames, record: dict) -> No
     staging = path.with_name(f".{path.name}.unsigned.mp4")
     try:
         write_video(staging, frames, fps=pipe.fps)
-        sign_video(staging, provenance_record(pipe, record))
+        sign_video(staging, provenance_record(pipe, record), title=path.name)
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)

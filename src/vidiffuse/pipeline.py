@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BUNDLED = {"shapes": WEIGHTS_DIR / "shapes"}
+BUNDLED = {"shapes": WEIGHTS_DIR / "shapes", "shapes-pruned": WEIGHTS_DIR / "shapes-pruned"}  # the latter: compress/prune.py
 DEFAULT_MODEL = "shapes"
 SAMPLING_DEFAULTS = {"steps": 20, "guidance": 4.0, "sampler": "unipc", "shift": 1.0}
 LIMITS = {"steps": (1, 500), "guidance": (0.0, 30.0), "frames": (2, 64), "prompt_chars": 1000}
@@ -56,6 +56,10 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
         model = DEFAULT_MODEL
     path = BUNDLED.get(str(model), Path(model))
     if not (path / "model_index.json").is_file():
+        from .backends import download, looks_like_hub_id
+
+        if looks_like_hub_id(model):  # e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers, from the Hub cache or the Hub
+            return download(str(model))
         known = ", ".join(BUNDLED)
         raise ModelLoadError(f"no vidiffuse model at {path} (model_index.json missing); "
                              f"give a model directory or one of: {known}")
@@ -103,12 +107,20 @@ class VideoPipeline:
         self.index: dict = {}  # model_index.json, when loaded from a directory
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike | None = None) -> "VideoPipeline":
+    def from_pretrained(cls, model: str | os.PathLike | None = None, **options) -> "VideoPipeline":
+        """A vidiffuse bundle, or a diffusers Wan / LTX-Video / CogVideoX pipeline directory (or Hub id);
+        `options` are the latter's load options (`backends.load`: dtype, offload, vae_tiling, ...)."""
         from diffusers import AutoencoderKL
 
+        from . import backends
         from .models.transformer import VideoDiT
 
         path = resolve_model_path(model)
+        if backends.diffusers_class(path) is not None:
+            return backends.load(path, **options)
+        given = sorted(k for k, v in options.items() if v not in (None, False))
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for diffusers models (Wan, LTX-Video, CogVideoX), not {path.name}")
         try:
             index = json.loads((path / "model_index.json").read_text())
             if index.get("quantization"):  # written by `vidiffuse quantize`: int8 or bf16 denoiser weights
@@ -132,6 +144,77 @@ class VideoPipeline:
     @functools.cached_property
     def version(self) -> str:
         return model_version(self.path, self.index) if self.path else "unversioned"
+
+    # -- LoRA adapters (models/lora.py): stacked beside the base weights, never merged into them
+
+    @property
+    def loras(self) -> dict[str, dict]:
+        """The loaded adapters by name: {"path", "sha256", "scale", "components"}."""
+        return self.__dict__.setdefault("_loras", {})
+
+    @property
+    def base_version(self) -> str:
+        """The base model's version, whatever adapters are loaded (`version` names base and adapters)."""
+        if "_base_version" not in self.__dict__:
+            self._base_version = self.version
+        return self._base_version
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, adapter_name: str | None = None) -> str:
+        """Stack a LoRA (a `vidiffuse train` [lora] output or a diffusers LoRA directory) at `scale`; returns
+        its adapter name. A LoRA recorded as made for another base model is refused (ModelLoadError)."""
+        from .models import lora as lora_io
+
+        lora = lora_io.read_lora(path)
+        lora_io.check_base(lora, self.base_version, self.name)
+        parts = {"transformer": self.transformer, "vae": self.vae}
+        unknown = [c for c in lora.components if c not in parts]
+        if unknown:
+            raise ModelLoadError(f"LoRA {path} changes {', '.join(unknown)}; this pipeline takes adapters on "
+                                 f"{', '.join(parts)}")
+        name = adapter_name or f"lora{len(self.loras)}"
+        if name in self.loras:
+            raise ConfigError(f"an adapter named {name!r} is already loaded")
+        loaded = []
+        try:
+            for component in lora.components:
+                lora_io.load_into(parts[component], lora, component, name)
+                loaded.append(component)
+        except Exception:
+            for component in loaded:
+                parts[component].delete_adapters(name)
+            raise
+        self.loras[name] = {"path": str(lora.path), "sha256": lora.digest, "scale": float(scale),
+                            "components": lora.components}
+        self._apply_loras()
+        return name
+
+    def set_lora_scale(self, adapter_name: str, scale: float) -> None:
+        if adapter_name not in self.loras:
+            raise ConfigError(f"no adapter named {adapter_name!r}; loaded: {', '.join(self.loras) or 'none'}")
+        self.loras[adapter_name]["scale"] = float(scale)
+        self._apply_loras()
+
+    def unload_lora(self) -> None:
+        """Remove every adapter: the model computes with its exact base weights again."""
+        from .models import lora as lora_io
+
+        for module in (self.transformer, self.vae):
+            lora_io.unload(module)
+        self.loras.clear()
+        self._apply_loras()
+
+    def _apply_loras(self) -> None:
+        from .models import lora as lora_io
+
+        base = self.base_version
+        for component, module in (("transformer", self.transformer), ("vae", self.vae)):
+            lora_io.set_scales(module, {n: a["scale"] for n, a in self.loras.items() if component in a["components"]})
+        if not self.loras:
+            self.__dict__["version"] = base
+            return
+        # the version in watermarks and manifests names the adapters too: base+lora.<hash of files and scales>
+        stack = json.dumps([[a["sha256"], a["scale"]] for a in self.loras.values()])
+        self.__dict__["version"] = f"{base}+lora.{hashlib.sha256(stack.encode()).hexdigest()[:8]}"
 
     @functools.cached_property
     def ood_reference(self) -> PromptOOD | None:
@@ -169,6 +252,19 @@ class VideoPipeline:
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
+    def _settings(self, prompt, seed, steps, guidance, sampler, frames) -> tuple[list[str], list[int], int, float, str, int]:
+        """A call's arguments as lists and numbers, the model's defaults filled in, validated."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = [int(seed)] * len(prompts) if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != len(prompts):
+            raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        steps = int(self.defaults["steps"] if steps is None else steps)
+        guidance = float(self.defaults["guidance"] if guidance is None else guidance)
+        sampler = str(self.defaults["sampler"] if sampler is None else sampler)
+        frames = int(self.frames if frames is None else frames)
+        self._validate(prompts, steps, guidance, frames, sampler)
+        return prompts, seeds, steps, guidance, sampler, frames
+
     def _encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         emb = self.text_encoder.encode(prompts)
         return {"encoder_hidden_states": emb.tokens, "encoder_attention_mask": emb.mask, "pooled_projections": emb.pooled}
@@ -190,15 +286,7 @@ class VideoPipeline:
         """Generate one video per prompt. Each carries an invisible watermark naming the model and the
         generation (see `provenance.watermark`) unless `watermark=False`, which is logged and recorded in
         the returned settings (and from there in the file's signed manifest)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seeds = [int(seed)] * len(prompts) if isinstance(seed, int) else [int(s) for s in seed]
-        if len(seeds) != len(prompts):
-            raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        steps = int(self.defaults["steps"] if steps is None else steps)
-        guidance = float(self.defaults["guidance"] if guidance is None else guidance)
-        sampler = str(self.defaults["sampler"] if sampler is None else sampler)
-        frames = int(self.frames if frames is None else frames)
-        self._validate(prompts, steps, guidance, frames, sampler)
+        prompts, seeds, steps, guidance, sampler, frames = self._settings(prompt, seed, steps, guidance, sampler, frames)
         side = self.size // vae_scale_factor(self.vae)
         latent_shape = (self.vae.config.latent_channels, frames, side, side)
         total = len(prompts) * steps
@@ -232,10 +320,14 @@ class VideoPipeline:
             done_before += steps * len(chunk)
         if bar is not None:
             bar.close()
-        video = torch.cat(videos)
-        frames_u8 = [frames_to_uint8(v) for v in video]
         settings = [{"prompt": p, "seed": s, "steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames,
                      "model": self.name} for p, s in zip(prompts, seeds)]
+        return self._finish(torch.cat(videos), settings, watermark)
+
+    def _finish(self, video: torch.Tensor, settings: list[dict], watermark: bool) -> VideoOutput:
+        """uint8 frames of `video` (B, C, T, H, W), each marked with its record's payload (or the mark's
+        absence logged and recorded); shared by every pipeline class, so all mark alike."""
+        frames_u8 = [frames_to_uint8(v) for v in video]
         if watermark:
             for i, record in enumerate(settings):
                 payload = self.watermark_payload(record)
@@ -250,8 +342,10 @@ class VideoPipeline:
 
     def watermark_payload(self, record: dict) -> int:
         """16 bits naming this model (name and version), 16 naming the generation (prompt, seed and settings)."""
-        generation = json.dumps({k: record[k] for k in ("prompt", "seed", "steps", "guidance", "sampler", "frames")},
-                                sort_keys=True)
+        fields = {k: record[k] for k in ("prompt", "seed", "steps", "guidance", "sampler", "frames")}
+        if "image_sha256" in record:  # image-to-video: the first frame is part of what was asked for
+            fields["image_sha256"] = record["image_sha256"]
+        generation = json.dumps(fields, sort_keys=True)
         return wm.make_payload(watermark_model_label(self.name, self.version), generation)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """`vidiffuse bench`: every speed-up variant on the same golden prompts and seeds, in one process, side by
 side with the plain diffusers loop (`reference.py`) that is the yardstick.
 
-A variant is a name from `MODIFIERS` (fp32, bf16, int8, compile, cache), optionally with an argument after
-a colon (`cache:0.05`, `int8:weight-only`), or several joined with `+` (`int8+cache`, applied in that order).
+A variant is a name from `MODIFIERS` (fp32, bf16, int8, compile, cache, pruned), optionally with an argument after
+a colon (`cache:0.05`, `int8:weight-only`, `pruned:DIR`), or several joined with `+` (`int8+cache`, applied in that order).
 Each vidiffuse variant gets its own copy of the model, transformed once (quantize, compile) and/or wrapped
-around every generation (step caching, precision); the text encoder is shared, since no variant changes it.
+around every generation (step caching, precision), or swapped for a pruned one; the text encoder is shared, since no variant changes it.
 Every variant computes in fp32 unless it names bf16, so a variant means the same on every CPU. A variant
 whose module is missing, or that cannot run on this machine (bf16 without native bf16), is reported as
 unavailable with the reason; one that raises is reported as failed, and the others still run.
@@ -63,12 +63,14 @@ logger = logging.getLogger(__name__)
 BENCH_VERSION = 1
 REFERENCE = "diffusers"
 BASELINE = "fp32"  # what the issue's targets compare against
-DEFAULT_VARIANTS = ("fp32", "bf16", "int8", "cache", "compile", "int8+cache", "int8+compile")
+DEFAULT_VARIANTS = ("fp32", "bf16", "int8", "cache", "compile", "int8+cache", "int8+compile", "pruned")
 DEFAULT_CACHE_THRESHOLD = 0.3  # the sweep in the step-cache note: 12 of 20 UniPC steps cached, adherence within 2 points
 FVD_BOOTSTRAP = 100
 WEIGHTS_MEASURE = "torch.save size of the denoiser + autoencoder state dicts, in memory (text encoder shared, excluded)"
 # (variant, minimum speed-up vs fp32, largest adherence drop vs fp32 in points): issue #4's targets
 TARGETS = (("int8", 1.5, 2.0), ("cache", 1.5, 2.0))
+# (variant, minimum share of fewer denoiser parameters, largest adherence drop vs fp32 in points)
+SIZE_TARGETS = (("pruned", 0.25, 3.0),)
 VERDICTS = {True: "pass", False: "FAIL", None: "not run"}
 
 
@@ -187,6 +189,13 @@ def _apply_cache(pipe, arg):
                     details={"threshold": threshold})
 
 
+def _apply_pruned(pipe, arg):
+    from . import prune
+
+    pipe.transformer, details = prune.pruned_transformer_for(pipe, arg)  # checks it was pruned from this model
+    return Prepared(details=details)
+
+
 MODIFIERS: dict[str, Modifier] = {m.name: m for m in (
     Modifier("fp32", "vidiffuse's pipeline in fp32 (batched CFG, channels-last decoding)", _apply_fp32),
     Modifier("bf16", "bf16 weights, bf16 autocast", _apply_bf16, _bf16_missing),
@@ -196,6 +205,8 @@ MODIFIERS: dict[str, Modifier] = {m.name: m for m in (
              lambda: _module_missing("compile", "compile_transformer")),
     Modifier("cache", f"first-block step caching, threshold {DEFAULT_CACHE_THRESHOLD} (cache:T sets it)", _apply_cache,
              lambda: _module_missing("cache", "step_cache"), _check_cache_arg),
+    Modifier("pruned", "the structurally pruned denoiser of shapes-pruned (pruned:DIR: another pruned model of this one)",
+             _apply_pruned, lambda: _module_missing("prune", "pruned_transformer_for"), lambda arg: None),
 )}
 PRECISIONS = ("fp32", "bf16")
 VARIANT_HELP = {REFERENCE: "the same weights through a plain diffusers sampling loop (the yardstick)",
@@ -561,6 +572,13 @@ def _targets(rows: list[dict]) -> list[dict]:
                     "variant": name,
                     "passed": (row["speedup_vs_fp32"] >= min_speedup and row["adherence_change_vs_fp32_pts"] >= -max_drop)
                     if ok else None})
+    for name, min_fewer, max_drop in SIZE_TARGETS:
+        row = by_name.get(name)
+        ok = row is not None and row["status"] == "ok" and row["adherence_change_vs_fp32_pts"] is not None
+        out.append({"target": f"{name}: >= {min_fewer:.0%} fewer denoiser parameters, adherence at most {max_drop} points "
+                              "lower than fp32", "variant": name,
+                    "passed": (row["details"]["fewer_parameters"] >= min_fewer
+                               and row["adherence_change_vs_fp32_pts"] >= -max_drop) if ok else None})
     slower = [r["name"] for r in rows if r["status"] == "ok" and r["name"] != REFERENCE and r["speedup_vs_diffusers"] < 1]
     out.append({"target": "no variant slower than the plain diffusers loop", "variant": "*",
                 "passed": not slower, "slower": slower})

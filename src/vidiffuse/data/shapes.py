@@ -9,6 +9,7 @@ Three things live here because they share one spec:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,12 @@ COLORS = {
     "purple": (150, 60, 200),
     "orange": (245, 140, 30),
 }
+# Opt-in colours outside the v1 world, for teaching a trained model a new attribute (`vidiffuse train`
+# with [lora], configs/shapes_lora_pink.toml). They appear only where asked for (`colors=`/`extra_colors=`),
+# so the v1 world, its captions and the analyzer's readings stay exactly as they were. Pink is 123 RGB
+# units from its nearest v1 colour (purple) and 137 from the nearest background (gray); the v1 colours are
+# as close as 81 to each other (yellow-orange).
+EXTRA_COLORS = {"pink": (255, 120, 180)}
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 12, "large": 24}
 DIRECTIONS = ("left", "right", "up", "down", "still")
@@ -49,12 +56,29 @@ class ClipSpec:
         return {a: getattr(self, a) for a in ATTRIBUTES}
 
 
+def palette(extra_colors: Sequence[str] = ()) -> dict[str, tuple[int, int, int]]:
+    """The object colours: the v1 world's, plus the named `EXTRA_COLORS`."""
+    unknown = [c for c in extra_colors if c not in EXTRA_COLORS]
+    if unknown:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown extra colour(s) {', '.join(map(repr, unknown))}; "
+                          f"known: {', '.join(EXTRA_COLORS)}")
+    return {**COLORS, **{c: EXTRA_COLORS[c] for c in extra_colors}}
+
+
+_ALL_COLORS = {**COLORS, **EXTRA_COLORS}
+
+
 def sample_clip_spec(rng: np.random.Generator, frames: int = FRAMES, size: int = SIZE,
-                     attributes: dict[str, str] | None = None) -> ClipSpec:
-    """A random clip; `attributes` fixes some of them (the draws happen anyway, so the stream is unchanged)."""
+                     attributes: dict[str, str] | None = None, colors: Sequence[str] | None = None) -> ClipSpec:
+    """A random clip; `attributes` fixes some of them (the draws happen anyway, so the stream is unchanged).
+
+    `colors` is the palette to draw the colour from (default: the v1 world's `COLORS`).
+    """
     fixed = attributes or {}
     background = fixed.get("background", str(rng.choice(list(BACKGROUNDS))))
-    color = fixed.get("color", str(rng.choice(list(COLORS))))
+    color = fixed.get("color", str(rng.choice(list(COLORS if colors is None else colors))))
     shape = fixed.get("shape", str(rng.choice(SHAPES)))
     size_name = fixed.get("size", str(rng.choice(list(SIZES))))
     direction = fixed.get("direction", str(rng.choice(DIRECTIONS)))
@@ -92,7 +116,7 @@ def _coverage(shape: str, d: int, cx: float, cy: float, x0: int, y0: int, w: int
 def render_clip(spec: ClipSpec, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
     """Render a clip as uint8 (T, H, W, 3)."""
     bg = np.array(BACKGROUNDS[spec.background], dtype=np.float32)
-    fg = np.array(COLORS[spec.color], dtype=np.float32)
+    fg = np.array(_ALL_COLORS[spec.color], dtype=np.float32)
     d = SIZES[spec.size]
     vx, vy = _VELOCITY[spec.direction]
     video = np.empty((frames, size, size, 3), dtype=np.float32)
@@ -132,6 +156,8 @@ _SYN = {
         "large": ["large", "big", "huge", "sizeable"],
     },
 }
+_EXTRA_COLOR_WORDS = {"pink": ["pink", "rose-pink", "hot pink"]}
+_COLOR_WORDS = {**_SYN["color"], **_EXTRA_COLOR_WORDS}
 _MOTION = {
     "left": ["moving left", "sliding to the left", "drifting leftward", "travelling left", "heading left",
              "gliding towards the left", "that moves left", "going left", "moving to the left side",
@@ -159,7 +185,7 @@ def make_caption(attrs: dict[str, str | None], rng: np.random.Generator) -> str:
     """A natural-language caption for the given attributes; an attribute set to None is left unsaid."""
     pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
     size = pick(_SYN["size"][attrs["size"]]) if attrs.get("size") else None
-    color = pick(_SYN["color"][attrs["color"]]) if attrs.get("color") else None
+    color = pick(_COLOR_WORDS[attrs["color"]]) if attrs.get("color") else None
     shape = pick(_SYN["shape"][attrs["shape"]]) if attrs.get("shape") else pick(["shape", "object", "thing"])
     bg_word = pick(_SYN["background"][attrs["background"]]) if attrs.get("background") else None
     motion = pick(_MOTION[attrs["direction"]]) if attrs.get("direction") else ""
@@ -197,15 +223,20 @@ def sample_caption(spec: ClipSpec, rng: np.random.Generator, drop_prob: float = 
     return make_caption(attrs, rng)
 
 
-def generate_example(seed: int, frames: int = FRAMES, size: int = SIZE) -> tuple[ClipSpec, np.ndarray, str]:
-    """Clip `seed` of the world: the spec, its pixels (T,H,W,3 uint8) and one caption. Deterministic."""
+def generate_example(seed: int, frames: int = FRAMES, size: int = SIZE,
+                     extra_colors: Sequence[str] = ()) -> tuple[ClipSpec, np.ndarray, str]:
+    """Clip `seed` of the world: the spec, its pixels (T,H,W,3 uint8) and one caption. Deterministic.
+
+    `extra_colors` (names in `EXTRA_COLORS`) join the palette the colour is drawn from.
+    """
     rng = np.random.default_rng([seed, 0x5EED])
-    spec = sample_clip_spec(rng, frames, size)
+    spec = sample_clip_spec(rng, frames, size, colors=list(palette(extra_colors)) if extra_colors else None)
     return spec, render_clip(spec, frames, size), sample_caption(spec, rng)
 
 
-def synthesize(out: Path, n: int, seed: int = 0, progress: bool = True) -> Path:
-    """Write `n` clips as MP4 plus `captions.jsonl` (file, caption, licence, attributes) into `out`."""
+def synthesize(out: Path, n: int, seed: int = 0, progress: bool = True, extra_colors: Sequence[str] = ()) -> Path:
+    """Write `n` clips as MP4 plus `captions.jsonl` (file, caption, licence, attributes) into `out`;
+    `extra_colors` as in `generate_example`."""
     from ..video.io import write_video
     from tqdm import tqdm
 
@@ -213,7 +244,7 @@ def synthesize(out: Path, n: int, seed: int = 0, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in tqdm(range(n), desc="synth", disable=not progress):
-        spec, video, caption = generate_example(seed * 1_000_003 + i)
+        spec, video, caption = generate_example(seed * 1_000_003 + i, extra_colors=extra_colors)
         name = f"{i:06d}.mp4"
         write_video(out / name, video, fps=FPS)
         # generated by this project's code, so under its licence; the dataset manifest and training read this
@@ -243,7 +274,7 @@ class FrameReading:
     cy: float = float("nan")
 
 
-def _read_frame(frame: np.ndarray, bg_rgb: np.ndarray) -> FrameReading:
+def _read_frame(frame: np.ndarray, bg_rgb: np.ndarray, colors: dict = COLORS) -> FrameReading:
     import cv2
 
     diff = np.abs(frame.astype(np.float32) - bg_rgb).max(axis=-1)
@@ -257,7 +288,7 @@ def _read_frame(frame: np.ndarray, bg_rgb: np.ndarray) -> FrameReading:
     if stats[k, cv2.CC_STAT_AREA] < 20:
         return FrameReading(False)
     blob = labels == k
-    color = _nearest(np.median(frame[blob].astype(np.float32), axis=0), COLORS)
+    color = _nearest(np.median(frame[blob].astype(np.float32), axis=0), colors)
     x, y, w, h = (int(stats[k, i]) for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
     size = "small" if max(w, h) < 18 else "large"
     # the corners of the bounding box tell the shapes apart: a square fills all four, an upright
@@ -281,17 +312,19 @@ def _vote(values: list[str]) -> tuple[str | None, float]:
     return str(names[np.argmax(counts)]), float(counts.max() / len(values))
 
 
-def analyze_video(video: np.ndarray) -> dict:
+def analyze_video(video: np.ndarray, extra_colors: Sequence[str] = ()) -> dict:
     """Read the shapes-world attributes from the pixels of a video (T, H, W, 3) uint8.
 
     Returns each attribute (None where nothing could be read), the measured velocity, and
     `stability`: the share of frames that agree with the clip-level colour, shape and size.
+    Colours are read against the v1 palette plus `extra_colors` (names in `EXTRA_COLORS`).
     """
+    colors = palette(extra_colors) if extra_colors else COLORS
     video = np.asarray(video)
     border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1).reshape(-1, 3)
     bg_rgb = np.median(border.astype(np.float32), axis=0)
     background = _nearest(bg_rgb, BACKGROUNDS)
-    readings = [_read_frame(f, bg_rgb) for f in video]
+    readings = [_read_frame(f, bg_rgb, colors) for f in video]
     found = [r for r in readings if r.found]
     color, color_agree = _vote([r.color for r in found])
     shape, shape_agree = _vote([r.shape for r in found])

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -43,15 +44,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, head_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
+        # head_dim fixed apart from `heads`, so a head-pruned model (fewer heads, same head size) is this class too
+        head_dim = head_dim or dim // heads
+        inner = heads * head_dim
+        self.q = nn.Linear(dim, inner)
+        self.kv = nn.Linear(context_dim or dim, 2 * inner)
+        self.out = nn.Linear(inner, dim)
         # QK-norm keeps attention logits bounded; bf16 training is stable without tuning
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
-        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         b, n, d = x.shape
@@ -63,18 +67,19 @@ class Attention(nn.Module):
         k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), self.k_norm.eps)
         attn_mask = None if mask is None else mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out(out.transpose(1, 2).reshape(b, n, d))
+        return self.out(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, context_dim: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, context_dim: int, mlp_ratio: float, head_dim: int | None = None,
+                 mlp_hidden_size: int | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, head_dim=head_dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.cross_attn = Attention(dim, heads, context_dim)
+        self.cross_attn = Attention(dim, heads, context_dim, head_dim=head_dim)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
+        hidden = mlp_hidden_size or int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Linear(dim, 6 * dim)
 
@@ -86,8 +91,12 @@ class DiTBlock(nn.Module):
         return x
 
 
-class VideoDiT(ModelMixin, ConfigMixin):
-    """Text-conditioned video diffusion transformer predicting the flow-matching velocity."""
+class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """Text-conditioned video diffusion transformer predicting the flow-matching velocity.
+
+    PeftAdapterMixin gives it diffusers' LoRA methods (`add_adapter`, `load_lora_adapter`, `set_adapters`,
+    `unload_lora`), which `models/lora.py` and `train/lora.py` build on.
+    """
 
     _supports_gradient_checkpointing = True
 
@@ -104,6 +113,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         text_dim: int = 384,
         sample_frames: int = 16,
         sample_size: int = 8,
+        attention_head_dim: int | None = None,  # None: hidden_size // num_heads; set by pruning (compress/prune.py)
+        mlp_hidden_size: int | None = None,  # None: hidden_size * mlp_ratio; set by pruning
     ):
         super().__init__()
         self.out_channels = out_channels or in_channels
@@ -112,7 +123,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.time_embed = TimestepEmbedding(256, hidden_size)
         self.pooled_embed = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.context_norm = nn.LayerNorm(text_dim)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, text_dim, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, text_dim, mlp_ratio, attention_head_dim, mlp_hidden_size)
+                                    for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj_out = nn.Linear(hidden_size, math.prod(patch_size) * self.out_channels)

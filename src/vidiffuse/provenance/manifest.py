@@ -116,9 +116,10 @@ def build_manifest_definition(title: str, generation: dict[str, Any]) -> dict[st
 
 
 def sign_video(path: str | os.PathLike, generation: dict[str, Any],
-               credential: SigningCredential | None = None) -> None:
+               credential: SigningCredential | None = None, title: str | None = None) -> None:
     """Embed a signed C2PA manifest into the MP4 at ``path``, replacing the file in one rename.
 
+    ``title`` is the file name the manifest records (default: ``path``'s own; a staging file passes the final one).
     ``credential`` defaults to :func:`vidiffuse.provenance.signing.load_credential`. On any failure the
     original file is left as it was and no temporary file remains.
     """
@@ -127,7 +128,7 @@ def sign_video(path: str | os.PathLike, generation: dict[str, Any],
     path = Path(path)
     if not path.is_file():
         raise VideoReadError(f"cannot sign {path}: no such file")
-    definition = build_manifest_definition(path.name, validate_generation(generation))
+    definition = build_manifest_definition(title or path.name, validate_generation(generation))
     credential = credential or load_credential()
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".signing")
     tmp = Path(tmp_name)

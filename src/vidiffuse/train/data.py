@@ -21,12 +21,30 @@ from ..files import write_atomic
 from ..precision import autocast
 
 
+def extra_colors(data_cfg: dict) -> list[str]:
+    """The opt-in colours (`shapes.EXTRA_COLORS`) a shapes [data] section adds to the world: `extra_colors`."""
+    names = list(data_cfg.get("extra_colors", []))
+    shapes.palette(names)  # unknown names fail here, as a ConfigError
+    return names
+
+
 def shapes_specs(data_cfg: dict, frames: int = shapes.FRAMES, size: int = shapes.SIZE):
-    """Yields (ClipSpec, captions) of a `kind = "shapes"` [data] section, without rendering (cheap)."""
+    """Yields (ClipSpec, captions) of a `kind = "shapes"` [data] section, without rendering (cheap).
+
+    With `extra_colors = ["pink"]`, a share `extra_color_share` of the clips (default: as often as each v1
+    colour) gets one of those colours; the other clips are exactly the v1 world's clips of the same seeds.
+    """
     seed, drop = int(data_cfg.get("seed", 0)), float(data_cfg.get("caption_drop_prob", 0.15))
+    extra = extra_colors(data_cfg)
+    share = float(data_cfg.get("extra_color_share", len(extra) / (len(shapes.COLORS) + len(extra))))
     for i in range(int(data_cfg["num_clips"])):
         rng = np.random.default_rng([seed, i, 0x5EED])
-        spec = shapes.sample_clip_spec(rng, frames, size)
+        fixed = None
+        if extra:
+            pick = np.random.default_rng([seed, i, 0xC0105])  # its own stream: the clip's own draws are unchanged
+            if pick.random() < share:
+                fixed = {"color": extra[int(pick.integers(len(extra)))]}
+        spec = shapes.sample_clip_spec(rng, frames, size, attributes=fixed)
         yield spec, [shapes.sample_caption(spec, rng, drop) for _ in range(int(data_cfg.get("captions_per_clip", 1)))]
 
 
