@@ -227,3 +227,19 @@ def test_extra_colour_is_opt_in():
     changed = [i for i, ((a, _), (b, _)) in enumerate(zip(v1, mixed)) if a != b]
     assert 10 <= len(changed) <= 30 and all(mixed[i][0].color == "pink" for i in changed)
     assert all(v1[i][0].color != "pink" for i in range(40))
+
+
+def test_prior_preservation_starts_from_the_base_prediction(tmp_path, tiny_bundle):
+    """preserve_weight pulls the adapted denoiser towards the frozen base on v1-colour clips: at step 1 the
+    adapter is still the identity, so the loss is exactly the plain one; afterwards it differs."""
+    def curve(name, preserve):
+        lora = f'[lora]\nbase = "{tiny_bundle}"\nrank = 4\npreserve_weight = {preserve}\n'
+        cfg = write_config(tmp_path / f"{name}.toml", out=tmp_path / name, steps=3, lora=lora,
+                           data='extra_colors = ["pink"]\nextra_color_share = 0.5\n')
+        train(cfg)
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    plain, kept = curve("plain", 0.0), curve("kept", 10.0)
+    assert kept[0] == pytest.approx(plain[0], rel=1e-6)
+    assert kept[1:] != pytest.approx(plain[1:], rel=1e-6)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, tiny_transformer
+from conftest import run_cli
 from vidiffuse.compress.prune import (PruneShape, check_ratio, importance_scores, noised_batch, parameter_count,
                                       plan_shape, prune_transformer, recover)
 from vidiffuse.errors import ConfigError

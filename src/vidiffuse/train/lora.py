@@ -5,6 +5,7 @@
     rank = 16              # alpha defaults to the rank (scale 1)
     targets = [...]        # layer-name suffixes; default: models.lora.DEFAULT_TARGETS for the model class
     vae = "runs/x/lora"    # denoiser only: an autoencoder LoRA to train on top of (see below)
+    preserve_weight = 1.0  # with [data] extra_colors: keep the base model's behaviour on the colours it knew
 
 The base model's own settings (frames, size, autoencoder, text encoder, sampling defaults) come from its
 directory, so a [lora] config needs only [run] and [data]. The result is a LoRA directory
@@ -29,8 +30,10 @@ import torch
 from ..errors import ConfigError
 from ..models import lora as lora_io
 
+# preserve_weight (None: 1.0 for an autoencoder, 0 for a denoiser): how strongly what the base model knew is
+# kept on the clips of the v1 colours, when [data] adds extra colours (see the tasks in trainer.py)
 LORA_DEFAULTS = {"base": "shapes", "rank": 16, "alpha": None, "targets": None, "dropout": 0.0, "vae": None,
-                 "preserve_weight": 1.0}
+                 "preserve_weight": None}
 LORA_DIR = "lora"  # under out_dir: where the trained adapter is exported
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 import tomllib
 from pathlib import Path
@@ -127,7 +126,7 @@ class AutoencoderTask:
             raise ConfigError("an autoencoder LoRA needs a vidiffuse model as [lora] base")
         self.base = base
         self.model = base.vae.float().train()
-        self.preserve = float(cfg["lora"]["preserve_weight"])
+        self.preserve = float(1.0 if cfg["lora"]["preserve_weight"] is None else cfg["lora"]["preserve_weight"])
         self.anchor = None
         if self.preserve > 0 and self.extra_colors:
             new = torch.tensor([spec.color in self.extra_colors for spec, _ in shapes_specs(cfg["data"])])
@@ -227,6 +226,7 @@ class DenoiserTask:
                                   **cfg["model"])
         else:
             self.model = base.transformer.float().train()
+            self._init_preservation(cfg, data)
             self.lora_params = attach(self.model, cfg["lora"])
         run = cfg["run"]
         self.p_uncond = float(run.get("p_uncond", 0.1))
@@ -244,10 +244,25 @@ class DenoiserTask:
         lora_io.load_into(self.vae, self.carry, "vae", "default")
         return self.carry.digest
 
+    teacher = None
+
+    def _init_preservation(self, cfg: dict, data: dict) -> None:
+        """[lora] preserve_weight > 0 with extra colours: on clips of the colours the model knows, the adapted
+        denoiser is also pulled towards the frozen base denoiser's prediction (prior preservation), so what
+        it knew drifts less than replaying those clips alone allows."""
+        self.preserve = float(cfg["lora"]["preserve_weight"] or 0.0)
+        if self.preserve <= 0 or not self.extra_colors:
+            return
+        known = torch.tensor([spec.color not in self.extra_colors for spec, _ in shapes_specs(data)])
+        self.known_caption = known[self.data["caption_clip"]]
+        self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+
     def lora_parts(self, ema) -> dict:
         return {"transformer": ema}
 
     def loss(self, model, idx: torch.Tensor, gen: torch.Generator, part) -> torch.Tensor:
+        if self.teacher is not None:
+            return self._loss_with_preservation(model, idx, gen, part)
         d = self.data
         # draw the whole global batch's randomness, then keep this rank's part of it
         drop = (torch.rand(len(idx), generator=gen) < self.p_uncond)[part]
@@ -260,6 +275,32 @@ class DenoiserTask:
         dev = self.device
         return flow_matching_loss(model, x0.to(dev), noise.to(dev), t.to(dev), encoder_hidden_states=tokens.to(dev),
                                   encoder_attention_mask=mask.to(dev), pooled_projections=pooled.to(dev))
+
+    def _loss_with_preservation(self, model, idx: torch.Tensor, gen: torch.Generator, part) -> torch.Tensor:
+        from ..diffusion.flow import interpolate
+
+        d, dev = self.data, self.device
+        drop = (torch.rand(len(idx), generator=gen) < self.p_uncond)[part]
+        noise = torch.randn((len(idx), *d["latents"].shape[1:]), generator=gen)[part].to(dev)
+        t = sample_t(len(idx), gen, self.t_mean, self.t_std, self.t_shift)[part].to(dev)
+        idx = idx[part]
+        x0 = d["latents"][d["caption_clip"][idx]].float().to(dev)
+        tokens, mask, pooled = d["tokens"][idx].float(), d["mask"][idx].clone(), d["pooled"][idx].float()
+        tokens[drop], mask[drop], pooled[drop] = self.empty.tokens[0], self.empty.mask[0], self.empty.pooled[0]
+        cond = {"encoder_hidden_states": tokens.to(dev), "encoder_attention_mask": mask.to(dev),
+                "pooled_projections": pooled.to(dev)}
+        xt = interpolate(x0, noise, t)
+        pred = model(xt, t * 1000, **cond).sample.float()
+        loss = (pred - (noise - x0)).pow(2).flatten(1).mean(1)
+        known = self.known_caption[idx].to(dev)
+        if known.any():
+            self.teacher.to(dev)
+            with torch.no_grad():
+                target = self.teacher(xt[known], t[known] * 1000, **{k: v[known] for k, v in cond.items()}).sample.float()
+            drift = torch.zeros_like(loss)
+            drift[known] = (pred[known] - target).pow(2).flatten(1).mean(1)
+            loss = loss + self.preserve * drift
+        return loss
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
