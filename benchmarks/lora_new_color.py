@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 import os
 import platform
 import subprocess
@@ -37,8 +38,9 @@ from vidiffuse.pipeline import VideoPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results" / "lora"
-STAGES = (("autoencoder", ROOT / "configs" / "shapes_lora_pink_vae.toml", ROOT / "runs" / "shapes-lora-pink-vae"),
-          ("denoiser", ROOT / "configs" / "shapes_lora_pink.toml", ROOT / "runs" / "shapes-lora-pink"))
+STAGES = tuple((name, config, ROOT / tomllib.loads(config.read_text())["run"]["out_dir"]) for name, config in
+               (("autoencoder", ROOT / "configs" / "shapes_lora_pink_vae.toml"),
+                ("denoiser", ROOT / "configs" / "shapes_lora_pink.toml")))
 NEW = "pink"
 
 

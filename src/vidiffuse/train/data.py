@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +56,15 @@ def _clip_source(data_cfg: dict, frames: int, size: int):
     n = int(data_cfg["num_clips"])
     seed = int(data_cfg.get("seed", 0))
     if kind == "shapes":
-        for spec, captions in shapes_specs(data_cfg, frames, size):
-            yield shapes.render_clip(spec, frames, size), captions
+        specs = shapes_specs(data_cfg, frames, size)
+        workers = min(os.cpu_count() or 1, 16)
+        if workers < 3 or n < 2000:
+            for spec, captions in specs:
+                yield shapes.render_clip(spec, frames, size), captions
+            return
+        # rendering is ~3 ms of single-threaded numpy per clip: spread big datasets over the cores (same order)
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            yield from pool.imap(_render, ((spec, captions, frames, size) for spec, captions in specs), chunksize=64)
     elif kind == "folder":
         from ..data.folder import VideoFolderDataset
         from ..video.io import frames_to_uint8
@@ -71,6 +80,11 @@ def _clip_source(data_cfg: dict, frames: int, size: int):
         from ..errors import ConfigError
 
         raise ConfigError(f"unknown data kind {kind!r} (expected 'shapes' or 'folder')")
+
+
+def _render(job):
+    spec, captions, frames, size = job
+    return shapes.render_clip(spec, frames, size), captions
 
 
 def _cache_path(cache_dir: Path, tag: str, spec: dict) -> Path:
@@ -96,10 +110,11 @@ def frame_pool(data_cfg: dict, frames: int, size: int, cache_dir: Path) -> torch
 
 @torch.no_grad()
 def latent_dataset(data_cfg: dict, frames: int, size: int, vae, text_encoder, cache_dir: Path,
-                   vae_id: str, batch: int = 32) -> dict[str, torch.Tensor]:
+                   vae_id: str, batch: int = 32, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Latent clips (N, C, T, h, w) and, per caption, token embeddings, masks and pooled embeddings.
 
-    `caption_clip[j]` is the clip that caption j describes (a clip may have several captions).
+    `caption_clip[j]` is the clip that caption j describes (a clip may have several captions). The encoders
+    run on `device` while encoding and are back on the CPU afterwards.
     """
     path = _cache_path(cache_dir, "latents", {**data_cfg, "frames": frames, "size": size, "vae": vae_id,
                                               "text": text_encoder.name, "L": text_encoder.max_length})
@@ -107,22 +122,31 @@ def latent_dataset(data_cfg: dict, frames: int, size: int, vae, text_encoder, ca
         return load_file(path)
     latents, tokens, masks, pooled, owner = [], [], [], [], []
     n = int(data_cfg["num_clips"])
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
     source = _clip_source(data_cfg, frames, size)
-    with tqdm(total=n, desc="encode clips") as bar, autocast():
-        while bar.n < n:
-            chunk = [next(source) for _ in range(min(batch, n - bar.n))]
-            x = torch.from_numpy(np.stack([v for v, _ in chunk])).float().div(127.5).sub(1)  # B,T,H,W,3
-            b, t = x.shape[:2]
-            x = x.permute(0, 1, 4, 2, 3).reshape(b * t, 3, size, size)
-            z = vae.encode(x).latent_dist.mode().float() * vae.config.scaling_factor
-            latents.append(z.view(b, t, *z.shape[1:]).transpose(1, 2).to(torch.bfloat16))
-            caps = [c for _, cs in chunk for c in cs]
-            owner += [bar.n + i for i, (_, cs) in enumerate(chunk) for _ in cs]
-            emb = text_encoder.encode(caps)
-            tokens.append(emb.tokens.to(torch.bfloat16))
-            masks.append(emb.mask)
-            pooled.append(emb.pooled.to(torch.bfloat16))
-            bar.update(len(chunk))
+    vae.to(device)
+    text_encoder.to(device)
+    try:
+        with tqdm(total=n, desc="encode clips") as bar, \
+                (torch.autocast("cuda", torch.bfloat16) if on_gpu else autocast()):
+            while bar.n < n:
+                chunk = [next(source) for _ in range(min(batch, n - bar.n))]
+                x = torch.from_numpy(np.stack([v for v, _ in chunk])).to(device).float().div(127.5).sub(1)
+                b, t = x.shape[:2]  # B,T,H,W,3
+                x = x.permute(0, 1, 4, 2, 3).reshape(b * t, 3, size, size)
+                z = vae.encode(x).latent_dist.mode().float() * vae.config.scaling_factor
+                latents.append(z.view(b, t, *z.shape[1:]).transpose(1, 2).to(torch.bfloat16).cpu())
+                caps = [c for _, cs in chunk for c in cs]
+                owner += [bar.n + i for i, (_, cs) in enumerate(chunk) for _ in cs]
+                emb = text_encoder.encode(caps)
+                tokens.append(emb.tokens.to(torch.bfloat16).cpu())
+                masks.append(emb.mask.cpu())
+                pooled.append(emb.pooled.to(torch.bfloat16).cpu())
+                bar.update(len(chunk))
+    finally:
+        vae.to("cpu")
+        text_encoder.to("cpu")
     data = {"latents": torch.cat(latents), "tokens": torch.cat(tokens), "mask": torch.cat(masks),
             "pooled": torch.cat(pooled), "caption_clip": torch.tensor(owner)}
     _save_atomic(data, path)

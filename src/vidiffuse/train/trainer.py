@@ -190,7 +190,7 @@ class DenoiserTask:
     data_manifest_sha256: str | None = None  # set by train() before export
     device = torch.device("cpu")
 
-    def __init__(self, cfg: dict, out_dir: Path, base=None):
+    def __init__(self, cfg: dict, out_dir: Path, base=None, device: torch.device = torch.device("cpu")):
         from diffusers import AutoencoderKL
 
         from ..models.transformer import VideoDiT
@@ -217,7 +217,7 @@ class DenoiserTask:
                 vae_id += "+" + self._carry_autoencoder_lora(cfg["lora"]["vae"], base)
             self.sampling = {**base.defaults, **cfg.get("sampling", {})}
         self.data = latent_dataset(data, self.frames, self.size, self.vae, self.text_encoder,
-                                   out_dir.parent / "cache", vae_id=vae_id)
+                                   out_dir.parent / "cache", vae_id=vae_id, device=device)
         self.num_examples = len(self.data["caption_clip"])
         self.empty = self.text_encoder.encode([""])
         if base is None:
@@ -389,13 +389,17 @@ def _train_autocast(device: torch.device, precision: str):
     return autocast(precision)
 
 
-def train(config_path: str | Path, resume: bool = False, max_steps: int | None = None, lora: bool = False) -> Path:
+def train(config_path: str | Path, resume: bool = False, max_steps: int | None = None, lora: bool = False,
+          steps: int | None = None) -> Path:
     """Run (or resume) the training described by a TOML config; returns the exported model (or LoRA) directory.
 
     `lora` (the --lora flag) trains a LoRA adapter as if the config had a [lora] section with the defaults.
+    `steps` replaces the config's [run] steps (scripts/train_within.py sets it from a time budget).
     """
     cfg = load_config(config_path, lora=lora)
     run = cfg["run"]
+    if steps is not None:
+        run["steps"] = int(steps)
     layout = distributed.init(run)
     rank, world = layout.rank, layout.world
     if run["threads"]:
@@ -420,7 +424,7 @@ def train(config_path: str | Path, resume: bool = False, max_steps: int | None =
     data_manifest = _data_manifest(cfg, base)
     data_digest = _record_manifest(data_manifest, out, resume) if layout.main else manifest_sha256(data_manifest)
     torch.manual_seed(seed)  # model initialisation
-    task = _make_task(cfg, out, base)
+    task = _make_task(cfg, out, base, layout.device)
     task.data_manifest_sha256 = data_digest
     task.device = layout.device
     model = task.model.to(layout.device)
@@ -542,14 +546,14 @@ def train(config_path: str | Path, resume: bool = False, max_steps: int | None =
     return final
 
 
-def _make_task(cfg: dict, out: Path, base):
+def _make_task(cfg: dict, out: Path, base, device: torch.device):
     task = cfg["run"]["task"]
-    if base is None:
-        return TASKS[task](cfg, out)
     from ..backends import DiffusersVideoPipeline
 
     if isinstance(base, DiffusersVideoPipeline):
         if task != "denoiser":
             raise ConfigError(f"a LoRA on {base.name} trains its denoiser: set [run] task = \"denoiser\"")
         return DiffusersLoraTask(cfg, out, base)
+    if task == "denoiser":  # its training data is encoded on the training device
+        return DenoiserTask(cfg, out, base, device)
     return TASKS[task](cfg, out, base=base)
