@@ -147,7 +147,7 @@ def markdown(r: dict) -> str:
         "",
         f"Unloading the LoRA gives the base model's videos back bit for bit: **{r['unload_exact']}**.",
         "",
-        "Training time (2-core CPU shared with other jobs, `nice -n 19`, one thread): "
+        "Training time (2-core CPU shared with another training job, one thread each): "
         + ", ".join(f"{k} {t['wall_s'] / 60:.1f} min wall" + (f" / {t['cpu_s'] / 60:.1f} min CPU" if "cpu_s" in t else "")
                     for k, t in r["train_seconds"].items() if t)
         + f"; total {sum(t['wall_s'] for t in r['train_seconds'].values() if t) / 60:.1f} min wall"
