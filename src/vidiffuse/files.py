@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's content, read in 1 MiB blocks (weights and videos need not fit in memory)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelLoadError
-from ..files import vidiffuse_home, write_atomic
+from ..files import sha256_file, vidiffuse_home, write_atomic
 from ..pipeline import LIMITS, VideoOutput, VideoPipeline, model_version
 
 logger = logging.getLogger(__name__)
@@ -153,11 +153,7 @@ def _file_sha256(path: Path) -> str:
     except (OSError, ValueError):
         memo = {}
     if key not in memo:
-        digest = hashlib.sha256()
-        with target.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        memo[key] = digest.hexdigest()
+        memo[key] = sha256_file(target)
         try:
             memo_file.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(memo_file, json.dumps(memo, indent=1))

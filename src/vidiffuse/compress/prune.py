@@ -31,7 +31,6 @@ seeded by the step, so a run stopped by its time limit resumes exactly (`--resum
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -48,7 +47,7 @@ from torch import nn
 
 from ..data import shapes
 from ..errors import ConfigError
-from ..files import atomic_directory, write_atomic
+from ..files import atomic_directory, sha256_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -272,20 +271,12 @@ def prune_transformer(model: nn.Module, shape: PruneShape, scores: list[dict[str
 # ---------------------------------------------------------------- data
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def recovery_data(pipe, data_cfg: dict, cache_dir: Path) -> dict[str, torch.Tensor]:
     """Latent clips and caption embeddings for calibration and recovery (train.data's cached format)."""
     from ..train.data import latent_dataset
 
     vae_file = Path(pipe.path or "") / "vae" / "diffusion_pytorch_model.safetensors"
-    vae_id = _file_sha256(vae_file) if vae_file.is_file() else "in-memory"
+    vae_id = sha256_file(vae_file) if vae_file.is_file() else "in-memory"
     return latent_dataset(data_cfg, pipe.frames, pipe.size, pipe.vae, pipe.text_encoder, Path(cache_dir), vae_id=vae_id)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import av
 
 from vidiffuse.errors import ConfigError, VideoReadError
-from vidiffuse.files import write_atomic
+from vidiffuse.files import sha256_file, write_atomic
 from vidiffuse.video.io import error_reason, probe_video
 
 from .fingerprint import list_videos
@@ -201,14 +201,6 @@ def _captions_rows(root: Path, captions: Path | None) -> tuple[Path | None, dict
     return captions, rows
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _probe(path: Path) -> dict:
     info = probe_video(path, decode_check=True)
     return {**info, "duration_s": round(info["duration_s"], 6) if info["duration_s"] is not None else None,
@@ -259,7 +251,7 @@ def build_manifest(root: str | os.PathLike, default_license: str | None = None, 
                  "source": row.get("source") or row.get("url") or default_source,
                  "captioned": bool(row)}
         try:
-            entry["sha256"] = _sha256(path)
+            entry["sha256"] = sha256_file(path)
             entry.update(_probe(path))
             files.append(entry)
         except (VideoReadError, av.FFmpegError, OSError, ValueError, IndexError, ZeroDivisionError) as e:
@@ -270,7 +262,7 @@ def build_manifest(root: str | os.PathLike, default_license: str | None = None, 
             if captions_path.resolve().is_relative_to(root.resolve()) else captions_path.name
         distribution.append({"@type": "cr:FileObject", "@id": rel, "name": rel, "contentUrl": rel,
                              "encodingFormat": _MIME.get(captions_path.suffix.lower(), "text/plain"),
-                             "sha256": _sha256(captions_path)})
+                             "sha256": sha256_file(captions_path)})
     licenses = sorted({f["license"] for f in files if f["license"]})
     return {
         "@context": CONTEXT,

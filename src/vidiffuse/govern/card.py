@@ -10,7 +10,6 @@ the twelve generative-AI risks of NIST AI 600-1, saying for each why it applies 
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import re
@@ -20,7 +19,7 @@ import numpy as np
 
 from .. import __version__ as vidiffuse_version
 from ..errors import ConfigError
-from ..files import write_atomic
+from ..files import sha256_file, write_atomic
 from ..pipeline import WEIGHTS_DIR
 
 NOT_MEASURED = "not measured"
@@ -39,10 +38,6 @@ RISK_REPORT_VERSION = 1
 # ---------------------------------------------------------------- reading the inputs
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _load_json(value, what: str) -> tuple[dict | None, dict | None]:
     """A path or an already-loaded dict → (data, {"path", "sha256"}); None → (None, None)."""
     if value is None:
@@ -58,7 +53,7 @@ def _load_json(value, what: str) -> tuple[dict | None, dict | None]:
         raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} is not a JSON object")
-    return data, {"path": str(path), "sha256": _sha256(path)}
+    return data, {"path": str(path), "sha256": sha256_file(path)}
 
 
 def _check_eval(report: dict, source: str) -> dict:
@@ -691,7 +686,7 @@ def write_model_card(model_dir_or_name, out_dir, eval_report=None, memorization=
         manifest_path = Path(data_manifest)
         if not manifest_path.is_file():
             raise ConfigError(f"data manifest not found: {manifest_path}")
-        digest = _sha256(manifest_path)
+        digest = sha256_file(manifest_path)
         manifest = {"path": str(manifest_path), "sha256": digest,
                     "matches": None if model["manifest_sha256"] is None else digest == model["manifest_sha256"],
                     "summary": _manifest_summary(manifest_path)}

@@ -17,7 +17,6 @@ several stack with their own scales and `unload_loras` gives back the exact base
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelLoadError
-from ..files import atomic_directory
+from ..files import atomic_directory, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +116,6 @@ class LoraFile:
     @property
     def name(self) -> str:
         return self.path.parent.name if self.path.name == WEIGHT_NAME else self.path.stem
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def component_state(model: torch.nn.Module, component: str, adapter_name: str = "default") -> tuple[dict, dict]:

@@ -30,7 +30,7 @@ from ..data import shapes
 from ..data.manifest import canonical_json, manifest_sha256, training_data_manifest
 from ..diffusion.flow import flow_matching_loss, sample_t
 from ..errors import ConfigError
-from ..files import write_atomic
+from ..files import sha256_file, write_atomic
 from ..pipeline import vae_scale_factor
 from ..precision import autocast, use_bf16
 from . import distributed
@@ -80,12 +80,6 @@ def load_config(path: str | Path, lora: bool = False) -> dict:
     cfg.setdefault("data", {}).setdefault("num_clips", 1000)
     cfg.setdefault("model", {})
     return cfg
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _rng(seed: int, step: int, stream: int) -> torch.Generator:
@@ -207,12 +201,12 @@ class DenoiserTask:
             text = cfg.get("text", {})
             self.text_encoder = load_text_encoder(text.get("encoder", "minilm"), text.get("path"),
                                                   max_length=int(text.get("max_length", 24)))
-            vae_id = _file_sha256(vae_path / "diffusion_pytorch_model.safetensors")
+            vae_id = sha256_file(vae_path / "diffusion_pytorch_model.safetensors")
             self.sampling = cfg.get("sampling", {})
         else:  # LoRA: everything but the adapter comes from the base model
             self.frames, self.size = base.frames, base.size
             self.vae, self.text_encoder = base.vae.float().eval(), base.text_encoder
-            vae_id = _file_sha256(base.path / "vae" / "diffusion_pytorch_model.safetensors")
+            vae_id = sha256_file(base.path / "vae" / "diffusion_pytorch_model.safetensors")
             if cfg["lora"].get("vae"):
                 vae_id += "+" + self._carry_autoencoder_lora(cfg["lora"]["vae"], base)
             self.sampling = {**base.defaults, **cfg.get("sampling", {})}
@@ -260,10 +254,10 @@ class DenoiserTask:
     def lora_parts(self, ema) -> dict:
         return {"transformer": ema}
 
-    def loss(self, model, idx: torch.Tensor, gen: torch.Generator, part) -> torch.Tensor:
-        if self.teacher is not None:
-            return self._loss_with_preservation(model, idx, gen, part)
-        d = self.data
+    def _draw(self, idx: torch.Tensor, gen: torch.Generator, part) -> tuple[torch.Tensor, ...]:
+        """This rank's rows of a global batch: x0, noise, t and conditioning on the training device, and their
+        example indices."""
+        d, dev = self.data, self.device
         # draw the whole global batch's randomness, then keep this rank's part of it
         drop = (torch.rand(len(idx), generator=gen) < self.p_uncond)[part]
         noise = torch.randn((len(idx), *d["latents"].shape[1:]), generator=gen)[part]
@@ -272,23 +266,21 @@ class DenoiserTask:
         x0 = d["latents"][d["caption_clip"][idx]].float()
         tokens, mask, pooled = d["tokens"][idx].float(), d["mask"][idx].clone(), d["pooled"][idx].float()
         tokens[drop], mask[drop], pooled[drop] = self.empty.tokens[0], self.empty.mask[0], self.empty.pooled[0]
-        dev = self.device
-        return flow_matching_loss(model, x0.to(dev), noise.to(dev), t.to(dev), encoder_hidden_states=tokens.to(dev),
-                                  encoder_attention_mask=mask.to(dev), pooled_projections=pooled.to(dev))
+        cond = {"encoder_hidden_states": tokens.to(dev), "encoder_attention_mask": mask.to(dev),
+                "pooled_projections": pooled.to(dev)}
+        return x0.to(dev), noise.to(dev), t.to(dev), cond, idx
+
+    def loss(self, model, idx: torch.Tensor, gen: torch.Generator, part) -> torch.Tensor:
+        if self.teacher is not None:
+            return self._loss_with_preservation(model, idx, gen, part)
+        x0, noise, t, cond, _ = self._draw(idx, gen, part)
+        return flow_matching_loss(model, x0, noise, t, **cond)
 
     def _loss_with_preservation(self, model, idx: torch.Tensor, gen: torch.Generator, part) -> torch.Tensor:
         from ..diffusion.flow import interpolate
 
-        d, dev = self.data, self.device
-        drop = (torch.rand(len(idx), generator=gen) < self.p_uncond)[part]
-        noise = torch.randn((len(idx), *d["latents"].shape[1:]), generator=gen)[part].to(dev)
-        t = sample_t(len(idx), gen, self.t_mean, self.t_std, self.t_shift)[part].to(dev)
-        idx = idx[part]
-        x0 = d["latents"][d["caption_clip"][idx]].float().to(dev)
-        tokens, mask, pooled = d["tokens"][idx].float(), d["mask"][idx].clone(), d["pooled"][idx].float()
-        tokens[drop], mask[drop], pooled[drop] = self.empty.tokens[0], self.empty.mask[0], self.empty.pooled[0]
-        cond = {"encoder_hidden_states": tokens.to(dev), "encoder_attention_mask": mask.to(dev),
-                "pooled_projections": pooled.to(dev)}
+        dev = self.device
+        x0, noise, t, cond, idx = self._draw(idx, gen, part)
         xt = interpolate(x0, noise, t)
         pred = model(xt, t * 1000, **cond).sample.float()
         loss = (pred - (noise - x0)).pow(2).flatten(1).mean(1)
@@ -367,7 +359,7 @@ def _data_manifest(cfg: dict, base=None) -> dict:
             entry["extra_color_scheme"] = "clip i gets extra_colors[k] when numpy.random.default_rng([seed, i, 0xC0105]) says so"
     upstream = Path(cfg.get("autoencoder", {}).get("path", "")) / "training" / DATA_MANIFEST
     if cfg["run"]["task"] == "denoiser" and upstream.is_file():
-        manifest["upstream_manifests"] = {"autoencoder": _file_sha256(upstream)}
+        manifest["upstream_manifests"] = {"autoencoder": sha256_file(upstream)}
     if base is not None:
         manifest.setdefault("upstream_manifests", {})["base_model"] = base_record(base)
     return manifest
@@ -376,7 +368,7 @@ def _data_manifest(cfg: dict, base=None) -> dict:
 def _record_manifest(manifest: dict, out: Path, resume: bool) -> str:
     """Write the run's data manifest; a resumed run must still be reading the same data."""
     digest, path = manifest_sha256(manifest), out / DATA_MANIFEST
-    if resume and path.is_file() and _file_sha256(path) != digest:
+    if resume and path.is_file() and sha256_file(path) != digest:
         raise ConfigError(f"the training data changed since this run started ({path} no longer matches the data); "
                           "start a new run (another out_dir) to train on the new data")
     write_atomic(path, canonical_json(manifest))
