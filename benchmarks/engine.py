@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/engine.py --model shapes --n 200
 
+Held-out phrasing sets 1 and 2 (benchmarks/heldout_prompts.py), each with plain and rare attribute words.
+
 Writes benchmarks/results/engine.json, engine.md and engine_samples.png.
 """
 
@@ -66,6 +68,10 @@ def main() -> None:
     contact_sheet(frames, prompts, OUT / f"{args.tag}_samples.png")
     rare_prompts, rare_truth = heldout_prompts(max(48, args.n // 4), seed=7, rare_words=True)
     result["heldout_rare_words"], _, _ = adherence(pipe, rare_prompts, rare_truth, args.batch_size, progress=False, **settings)
+    set2_prompts, set2_truth = heldout_prompts(args.n, seed=2027, phrasing=2)
+    result["heldout_set2"], _, _ = adherence(pipe, set2_prompts, set2_truth, args.batch_size, progress=True, **settings)
+    rare2_prompts, rare2_truth = heldout_prompts(max(48, args.n // 4), seed=8, rare_words=True, phrasing=2)
+    result["heldout_set2_rare_words"], _, _ = adherence(pipe, rare2_prompts, rare2_truth, args.batch_size, progress=False, **settings)
     a = pipe(prompts[0], seed=11, progress=False, **settings).frames[0]
     b = pipe(prompts[0], seed=11, progress=False, **settings).frames[0]
     result["deterministic"] = bool(np.array_equal(a, b))
@@ -79,7 +85,7 @@ def main() -> None:
     (OUT / f"{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# {args.tag}: model `{args.model}`, settings {result['settings']}", "",
              "| prompts | " + " | ".join(shapes.ATTRIBUTES) + " |", "|---" * (len(shapes.ATTRIBUTES) + 1) + "|"]
-    for key in ("heldout", "heldout_rare_words"):
+    for key in ("heldout", "heldout_rare_words", "heldout_set2", "heldout_set2_rare_words"):
         lines.append(f"| {key} | " + " | ".join(f"{result[key]['accuracy'][a]:.3f}" for a in shapes.ATTRIBUTES) + " |")
     lines += ["", f"stability (share of frames agreeing with the clip): {result['heldout']['stability']}",
               f"seconds per video, batch mode: {result['seconds_per_video_batch']:.3f}",

@@ -1,7 +1,10 @@
 """Prompts in phrasings the training captions never use (other templates, words and word orders).
 
-The bundled model is trained on `vidiffuse.data.shapes.make_caption`; these templates share no
-sentence frame with it, so adherence measured here says how the model reads free-form prompts.
+The bundled model is trained on `vidiffuse.data.shapes.make_caption`. Set 1 was written against caption
+version 1; version 2 added path phrasings ("moving from right to left"), so set 1's "travels from right to
+left" is no longer unseen in spirit. Set 2 was written after version 2 and shares no sentence frame and
+no motion word with it ("starts on the right and ends up on the left", "proceeds leftward"), so adherence
+measured on set 2 says how the model reads free-form prompts today.
 """
 
 from __future__ import annotations
@@ -28,11 +31,25 @@ TEMPLATES = [
     "My video: {color}, {size} {shape}; it {motion} across {bg_a} canvas",
     "Make the {shape} {color} and {size}, put it on {bg_a} backdrop, and it {motion}",
 ]
+MOTION_2 = {"left": ["starts on the right and ends up on the left", "proceeds leftward", "advances toward the left-hand side"],
+            "right": ["starts on the left and ends up on the right", "proceeds rightward", "advances toward the right-hand side"],
+            "up": ["starts at the bottom and ends up at the top", "proceeds upward", "advances toward the upper side"],
+            "down": ["starts at the top and ends up at the bottom", "proceeds downward", "advances toward the lower side"],
+            "still": ["remains fixed in one place", "never changes position", "holds completely steady"]}
+TEMPLATES_2 = [
+    "Animate {bg_a} frame where one {size} {color} {shape} {motion}.",
+    "{color} {shape}, {size}, {motion}; backdrop is {bg_bare}",
+    "Could you show a {shape} ({color}, {size}) that {motion} over {bg_bare}?",
+    "In this clip, against {bg_bare}, the {size} {color} {shape} {motion}.",
+    "Just one {size} {shape}, coloured {color}, which {motion}, with everything behind it {bg_bare}",
+]
+SETS = {1: (TEMPLATES, MOTION), 2: (TEMPLATES_2, MOTION_2)}
 
 
-def heldout_prompts(n: int, seed: int = 2026, rare_words: bool = False) -> tuple[list[str], list[dict]]:
-    """`n` prompts and their attributes. With `rare_words`, attributes are also named by words the
-    training captions never use (cobalt, plum, giant, ...); without, by the plain names."""
+def heldout_prompts(n: int, seed: int = 2026, rare_words: bool = False, phrasing: int = 1) -> tuple[list[str], list[dict]]:
+    """`n` prompts of phrasing set 1 or 2 and their attributes. With `rare_words`, attributes are also named
+    by words the training captions never use (cobalt, plum, giant, ...); without, by the plain names."""
+    templates, motions = SETS[phrasing]
     rng = np.random.default_rng(seed)
     pick = (lambda xs: xs[int(rng.integers(len(xs)))]) if rare_words else (lambda xs: xs[0])  # noqa: E731
     prompts, truth = [], []
@@ -40,9 +57,9 @@ def heldout_prompts(n: int, seed: int = 2026, rare_words: bool = False) -> tuple
         spec = shapes.sample_clip_spec(rng)
         a = spec.attributes()
         bg_a = BG[a["background"]][1 + int(rng.integers(2))]
-        text = TEMPLATES[i % len(TEMPLATES)].format(
+        text = templates[i % len(templates)].format(
             size=pick(SIZE[a["size"]]), color=pick(COLOR[a["color"]]), shape=pick(SHAPE[a["shape"]]),
-            motion=MOTION[a["direction"]][int(rng.integers(3))], bg_bare=BG[a["background"]][0], bg_a=bg_a)
+            motion=motions[a["direction"]][int(rng.integers(3))], bg_bare=BG[a["background"]][0], bg_a=bg_a)
         prompts.append(text[0].upper() + text[1:])
         truth.append(a)
     return prompts, truth

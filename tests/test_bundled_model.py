@@ -30,3 +30,22 @@ def test_bundled_model_is_the_default_and_follows_prompts():
         assert accuracy >= floor, (attribute, accuracy, readings)
     # the object keeps its colour, shape and size over time
     assert np.mean([r["stability"]["color"] for r in readings]) > 0.9
+
+
+def test_bundled_distilled_model_is_a_student_of_the_bundled_model():
+    from vidiffuse.compress.distill import distilled_parts_for
+    from vidiffuse.models.tiny_decoder import TinyDecoder
+
+    teacher = VideoPipeline.from_pretrained("shapes")
+    student = VideoPipeline.from_pretrained("shapes-distilled")
+    assert student.index["distilled_from"] == {"name": "shapes", "version": teacher.version}
+    assert student.defaults["steps"] == 2 and student.defaults["guidance"] == 1.0
+    assert isinstance(student.decoder, TinyDecoder)
+    distilled_parts_for(teacher)  # what `vidiffuse bench` checks before running the `distilled` variant
+    out = student([p for p, _ in PROMPTS], seed=list(range(len(PROMPTS))), progress=False)
+    readings = [shapes.analyze_video(v) for v in out.frames]
+    # floors the student clears on these prompts (its shape lags the teacher's: benchmarks/results/compress)
+    floors = {"background": 0.875, "color": 0.875, "shape": 0.5, "size": 0.75, "direction": 0.875}
+    for attribute, floor in floors.items():
+        accuracy = np.mean([r[attribute] == truth[attribute] for r, (_, truth) in zip(readings, PROMPTS)])
+        assert accuracy >= floor, (attribute, accuracy, readings)

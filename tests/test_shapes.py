@@ -77,6 +77,24 @@ def test_captions_vary_and_name_the_attributes():
     assert not any(c in unsaid for c in shapes.COLORS) and "background" not in unsaid
 
 
+def test_caption_version_2_adds_path_phrasings_and_version_1_is_unchanged():
+    from vidiffuse.errors import ConfigError
+    from vidiffuse.train.data import shapes_specs
+
+    attrs = shapes.ClipSpec("black", "red", "circle", "large", "down", 2.0, 30, 30).attributes()
+    v1 = [shapes.make_caption(attrs, np.random.default_rng(s)) for s in range(300)]
+    v2 = [shapes.make_caption(attrs, np.random.default_rng(s), version=2) for s in range(300)]
+    assert not any(" to bottom" in c or "to the bottom" in c for c in v1)
+    paths = [c for c in v2 if "top to" in c or "top towards" in c or "the top to the bottom" in c]
+    assert 40 < len(paths) and all("bottom" in c for c in paths)
+    # a data section names its version; the default reads the captions every shipped model was trained on
+    default = [c for _, cs in shapes_specs({"num_clips": 20, "seed": 3}) for c in cs]
+    assert default == [c for _, cs in shapes_specs({"num_clips": 20, "seed": 3, "caption_version": 1}) for c in cs]
+    assert default != [c for _, cs in shapes_specs({"num_clips": 20, "seed": 3, "caption_version": 2}) for c in cs]
+    with pytest.raises(ConfigError, match="caption_version must be one of 1, 2"):
+        next(shapes_specs({"num_clips": 1, "caption_version": 3}))
+
+
 def test_synthesize_writes_clips_and_captions(tmp_path):
     shapes.synthesize(tmp_path, 5, seed=3, progress=False)
     lines = [json.loads(l) for l in (tmp_path / "captions.jsonl").read_text().splitlines()]

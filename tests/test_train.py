@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_vae
+from vidiffuse.errors import ConfigError
 from vidiffuse.train.trainer import train
 
 AE_CONFIG = """
@@ -218,3 +219,28 @@ def test_train_within_a_time_budget(tmp_path, vae_dir):
     assert len(losses(tmp_path / "d")) == plan["total_steps"]
     assert (tmp_path / "d" / "model" / "model_index.json").is_file()
     assert time.monotonic() - started < 40 + 30  # the budget, give or take start-up and the last evaluation
+
+
+def test_init_from_starts_at_a_trained_denoiser(tmp_path, vae_dir):
+    """[run] init_from fine-tunes every weight of a trained model's denoiser: with lr = 0 the exported
+    denoiser is the starting one, and the data manifest names the model it started from."""
+    train(write(tmp_path / "a.toml", DIT_CONFIG.format(out=tmp_path / "a", steps=1, vae=vae_dir, precision="auto")))
+    start = tmp_path / "a" / "model"
+    finetune = DIT_CONFIG.format(out=tmp_path / "b", steps=2, vae=vae_dir, precision="auto").replace(
+        'task = "denoiser"', f'task = "denoiser"\ninit_from = "{start}"').replace("lr = 1e-3", "lr = 0.0")
+    train(write(tmp_path / "b.toml", finetune.replace("hidden_size = 32", "hidden_size = 64")))  # [model] is ignored
+    a = load_file(start / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((tmp_path / "b" / "data_manifest.json").read_text())
+    assert manifest["upstream_manifests"]["init_from"]["name"] == str(start)
+    assert "caption_version" not in manifest["generator"][0]  # version 1, as every manifest before versions
+
+    other_vae = tmp_path / "other-vae"
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.add_(0.1)  # other weights: latents the denoiser never saw
+    vae.save_pretrained(other_vae)
+    wrong = finetune.replace(str(vae_dir), str(other_vae)).replace(str(tmp_path / "b"), str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="must be that model's autoencoder"):
+        train(write(tmp_path / "c.toml", wrong))

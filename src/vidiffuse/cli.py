@@ -360,6 +360,33 @@ def prune(
     typer.echo(format_report(report))
 
 
+@app.command()
+def distill(
+    model: str = typer.Argument(..., help="Teacher: model directory or bundled name (shapes)."),
+    out: Path = typer.Option(..., "--out", "-o", help="New model directory to write (the student, with its decoder)."),
+    student_steps: int = typer.Option(2, "--student-steps", help="Euler steps the student samples in (1 to 4)."),
+    pairs: int = typer.Option(2048, "--pairs", help="Teacher samples (noise, caption, video latents) to learn from."),
+    steps: int = typer.Option(1500, "--steps", help="Student training steps."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Student batch size."),
+    lr: float = typer.Option(1e-4, "--lr", help="Student peak learning rate (warmup, then cosine decay)."),
+    decoder_steps: int = typer.Option(2000, "--decoder-steps", help="Tiny decoder training steps; 0 keeps it untrained (for tests)."),
+    clips: int = typer.Option(1500, "--clips", help="Shapes-world clips the decoder learns from."),
+    eval_prompts: int = typer.Option(32, "--eval-prompts", help="Prompts scored by the analyzer while the student trains; 0: none."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Folder for the pairs, data cache and checkpoints (default OUT.work)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the pairs and checkpoints in the work folder."),
+):
+    """Write a few-step student of a model: 1-4 Euler steps, guidance folded in, with a tiny decoder."""
+    from .compress.distill import distill_model, format_report
+
+    if clips < 2:
+        raise VidiffuseError(f"--clips must be at least 2 (the last eighth is held out to score the decoder), got {clips}")
+    report = distill_model(model, out, run={"student_steps": student_steps, "pairs": pairs, "steps": steps,
+                                            "batch_size": batch_size, "lr": lr, "decoder_steps": decoder_steps,
+                                            "eval_prompts": eval_prompts},
+                           data={"num_clips": clips}, work_dir=work, resume=resume, progress=err.print)
+    typer.echo(format_report(report))
+
+
 @govern_app.command("bias")
 def govern_bias(
     model: str = typer.Option("shapes", "--model", "-m", help="Model directory or bundled name."),

@@ -7,6 +7,7 @@ A model directory ("bundle") is laid out like a diffusers pipeline:
     model_index.json        frames, size, fps, text encoder, sampling defaults
     transformer/            VideoDiT  (config.json + diffusion_pytorch_model.safetensors)
     vae/                    AutoencoderKL (config.json + diffusion_pytorch_model.safetensors)
+    decoder/                optional: a TinyDecoder that decodes in the autoencoder's place (a distilled model)
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BUNDLED = {"shapes": WEIGHTS_DIR / "shapes", "shapes-pruned": WEIGHTS_DIR / "shapes-pruned"}  # the latter: compress/prune.py
+# shapes-pruned: compress/prune.py; shapes-distilled: compress/distill.py
+BUNDLED = {name: WEIGHTS_DIR / name for name in ("shapes", "shapes-pruned", "shapes-distilled")}
 DEFAULT_MODEL = "shapes"
 SAMPLING_DEFAULTS = {"steps": 20, "guidance": 4.0, "sampler": "unipc", "shift": 1.0}
 LIMITS = {"steps": (1, 500), "guidance": (0.0, 30.0), "frames": (2, 64), "prompt_chars": 1000}
@@ -100,6 +102,7 @@ class VideoPipeline:
         # oneDNN's convolutions run ~20% faster on NHWC tensors; decoding is a third of a video's time
         self.vae = vae.eval().to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder
+        self.decoder = None  # a TinyDecoder used in place of the autoencoder's decoder, when the model has one
         self.frames, self.size, self.fps, self.name = frames, size, fps, name
         self.defaults = {**SAMPLING_DEFAULTS, **(defaults or {})}
         self._empty = None
@@ -130,6 +133,11 @@ class VideoPipeline:
             else:
                 transformer = VideoDiT.from_pretrained(path / "transformer", torch_dtype=torch.float32)
             vae = AutoencoderKL.from_pretrained(path / "vae")
+            decoder = None
+            if (path / "decoder" / "config.json").is_file():
+                from .models.tiny_decoder import TinyDecoder
+
+                decoder = TinyDecoder.from_pretrained(path / "decoder").eval().to(memory_format=torch.channels_last)
         except ModelLoadError:
             raise
         except Exception as e:  # diffusers raises OSError/ValueError/SafetensorError/JSON errors for bad files
@@ -138,7 +146,7 @@ class VideoPipeline:
                                          max_length=int(index.get("max_length", 24)))
         pipe = cls(transformer, vae, text_encoder, frames=index["frames"], size=index["size"], fps=index["fps"],
                    defaults=index.get("defaults"), name=index.get("name", path.name))
-        pipe.path, pipe.index = path, index
+        pipe.path, pipe.index, pipe.decoder = path, index, decoder
         return pipe
 
     @functools.cached_property
@@ -166,6 +174,9 @@ class VideoPipeline:
 
         lora = lora_io.read_lora(path)
         lora_io.check_base(lora, self.base_version, self.name)
+        if "vae" in lora.components and self.decoder is not None:
+            raise ConfigError(f"LoRA {path} changes the autoencoder, but {self.name} decodes with its own distilled "
+                              "decoder, which the adapter does not reach; use it with the model it was trained on")
         parts = {"transformer": self.transformer, "vae": self.vae}
         unknown = [c for c in lora.components if c not in parts]
         if unknown:
@@ -282,10 +293,16 @@ class VideoPipeline:
         progress: bool = True,
         callback: Callable[[int, int], None] | None = None,
         watermark: bool = True,
-    ) -> VideoOutput:
+        output_type: str = "video",
+    ) -> VideoOutput | torch.Tensor:
         """Generate one video per prompt. Each carries an invisible watermark naming the model and the
         generation (see `provenance.watermark`) unless `watermark=False`, which is logged and recorded in
-        the returned settings (and from there in the file's signed manifest)."""
+        the returned settings (and from there in the file's signed manifest).
+
+        `output_type="latent"` returns the sampled latents (B, c, T, h, w) instead, undecoded and unmarked
+        (as diffusers pipelines do): for distillation, not for people."""
+        if output_type not in ("video", "latent"):
+            raise ConfigError(f"output_type must be 'video' or 'latent', got {output_type!r}")
         prompts, seeds, steps, guidance, sampler, frames = self._settings(prompt, seed, steps, guidance, sampler, frames)
         side = self.size // vae_scale_factor(self.vae)
         latent_shape = (self.vae.config.latent_channels, frames, side, side)
@@ -316,10 +333,12 @@ class VideoPipeline:
 
                 latents = sample(self.transformer, noise, cond, uncond, make_scheduler(sampler, float(self.defaults["shift"])),
                                  steps, guidance, callback=report)
-                videos.append(self.decode(latents))
+                videos.append(latents if output_type == "latent" else self.decode(latents))
             done_before += steps * len(chunk)
         if bar is not None:
             bar.close()
+        if output_type == "latent":
+            return torch.cat(videos)
         settings = [{"prompt": p, "seed": s, "steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames,
                      "model": self.name} for p, s in zip(prompts, seeds)]
         return self._finish(torch.cat(videos), settings, watermark)
@@ -353,9 +372,10 @@ class VideoPipeline:
         b, c, t, h, w = latents.shape
         z = latents.transpose(1, 2).reshape(b * t, c, h, w) / self.vae.config.scaling_factor
         z = z.to(torch.float32).contiguous(memory_format=torch.channels_last)
+        decoder = self.decoder or self.vae
         # one video's frames at a time: decoding a whole batch at once ran 1.6x slower on 2 cores
         # (2.34 s against 1.47 s for 8 videos; the activations no longer fit in cache) and held more memory
-        x = torch.cat([self.vae.decode(chunk).sample.float() for chunk in z.split(t)]).clamp(-1, 1)
+        x = torch.cat([decoder.decode(chunk).sample.float() for chunk in z.split(t)]).clamp(-1, 1)
         return x.view(b, t, 3, *x.shape[-2:]).transpose(1, 2)
 
 

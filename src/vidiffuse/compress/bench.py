@@ -1,7 +1,7 @@
 """`vidiffuse bench`: every speed-up variant on the same golden prompts and seeds, in one process, side by
 side with the plain diffusers loop (`reference.py`) that is the yardstick.
 
-A variant is a name from `MODIFIERS` (fp32, bf16, int8, compile, cache, pruned), optionally with an argument after
+A variant is a name from `MODIFIERS` (fp32, bf16, int8, compile, cache, pruned, distilled), optionally with an argument after
 a colon (`cache:0.05`, `int8:weight-only`, `pruned:DIR`), or several joined with `+` (`int8+cache`, applied in that order).
 Each vidiffuse variant gets its own copy of the model, transformed once (quantize, compile) and/or wrapped
 around every generation (step caching, precision), or swapped for a pruned one; the text encoder is shared, since no variant changes it.
@@ -63,7 +63,8 @@ logger = logging.getLogger(__name__)
 BENCH_VERSION = 1
 REFERENCE = "diffusers"
 BASELINE = "fp32"  # what the issue's targets compare against
-DEFAULT_VARIANTS = ("fp32", "bf16", "int8", "cache", "compile", "int8+cache", "int8+compile", "pruned")
+DEFAULT_VARIANTS = ("fp32", "bf16", "int8", "cache", "compile", "int8+cache", "int8+compile", "pruned", "distilled",
+                    "distilled+int8")
 DEFAULT_CACHE_THRESHOLD = 0.3  # the sweep in the step-cache note: 12 of 20 UniPC steps cached, adherence within 2 points
 FVD_BOOTSTRAP = 100
 WEIGHTS_MEASURE = "torch.save size of the denoiser + autoencoder state dicts, in memory (text encoder shared, excluded)"
@@ -71,6 +72,9 @@ WEIGHTS_MEASURE = "torch.save size of the denoiser + autoencoder state dicts, in
 TARGETS = (("int8", 1.5, 2.0), ("cache", 1.5, 2.0))
 # (variant, minimum share of fewer denoiser parameters, largest adherence drop vs fp32 in points)
 SIZE_TARGETS = (("pruned", 0.25, 3.0),)
+# (variant, minimum speed-up vs fp32, largest drop on any one attribute in points, largest FVD ratio vs fp32)
+DISTILL_TARGETS = (("distilled", 10.0, 3.0, 1.25),)
+BEST_SECONDS = 0.25  # the fastest variant makes a video in at most this
 VERDICTS = {True: "pass", False: "FAIL", None: "not run"}
 
 
@@ -85,6 +89,7 @@ class Prepared:
     around: Callable[[], contextlib.AbstractContextManager] | None = None
     summarize: Callable[[list], dict] | None = None
     details: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # sampling settings this variant runs at instead of the run's
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,13 @@ def _apply_pruned(pipe, arg):
     return Prepared(details=details)
 
 
+def _apply_distilled(pipe, arg):
+    from . import distill
+
+    pipe.transformer, pipe.decoder, settings, details = distill.distilled_parts_for(pipe, arg)
+    return Prepared(details=details, settings=settings)
+
+
 MODIFIERS: dict[str, Modifier] = {m.name: m for m in (
     Modifier("fp32", "vidiffuse's pipeline in fp32 (batched CFG, channels-last decoding)", _apply_fp32),
     Modifier("bf16", "bf16 weights, bf16 autocast", _apply_bf16, _bf16_missing),
@@ -207,6 +219,9 @@ MODIFIERS: dict[str, Modifier] = {m.name: m for m in (
              lambda: _module_missing("cache", "step_cache"), _check_cache_arg),
     Modifier("pruned", "the structurally pruned denoiser of shapes-pruned (pruned:DIR: another pruned model of this one)",
              _apply_pruned, lambda: _module_missing("prune", "pruned_transformer_for"), lambda arg: None),
+    Modifier("distilled", "the few-step student and tiny decoder of shapes-distilled, at its own steps and guidance "
+             "(distilled:DIR: another student of this model)",
+             _apply_distilled, lambda: _module_missing("distill", "distilled_parts_for"), lambda arg: None),
 )}
 PRECISIONS = ("fp32", "bf16")
 VARIANT_HELP = {REFERENCE: "the same weights through a plain diffusers sampling loop (the yardstick)",
@@ -306,7 +321,8 @@ class _ReferenceRunner(_Runner):
 
 class _PipelineRunner(_Runner):
     def __init__(self, pipe, prepared: list[Prepared], settings: dict):
-        self.pipe, self.prepared, self.settings = pipe, prepared, settings
+        self.pipe, self.prepared = pipe, prepared
+        self.settings = {**settings, **{k: v for p in prepared for k, v in p.settings.items()}}
         self.yielded: list[list] = [[] for _ in prepared]
         self.collect = False
 
@@ -321,7 +337,7 @@ class _PipelineRunner(_Runner):
         return frames
 
     def weights_bytes(self):
-        return _serialized_bytes(self.pipe.transformer, self.pipe.vae)
+        return _serialized_bytes(*(m for m in (self.pipe.transformer, self.pipe.vae, self.pipe.decoder) if m is not None))
 
     def details(self) -> dict:
         out = {}
@@ -336,7 +352,7 @@ def _copy_pipeline(base):
     """A pipeline with its own denoiser and autoencoder, sharing the text encoder."""
     pipe = type(base)(copy.deepcopy(base.transformer), copy.deepcopy(base.vae), base.text_encoder, frames=base.frames,
                       size=base.size, fps=base.fps, defaults=base.defaults, name=base.name)
-    pipe.path, pipe.index = base.path, base.index
+    pipe.path, pipe.index, pipe.decoder = base.path, base.index, copy.deepcopy(base.decoder)
     return pipe
 
 
@@ -579,6 +595,21 @@ def _targets(rows: list[dict]) -> list[dict]:
                               "lower than fp32", "variant": name,
                     "passed": (row["details"]["fewer_parameters"] >= min_fewer
                                and row["adherence_change_vs_fp32_pts"] >= -max_drop) if ok else None})
+    base = by_name.get(BASELINE)
+    for name, min_speedup, max_drop, max_fvd in DISTILL_TARGETS:
+        row = by_name.get(name)
+        ok = row is not None and row["status"] == "ok" and base is not None and base["status"] == "ok"
+        passed = None
+        if ok:
+            drops = [100 * (base["metrics"][f"adherence_{a}"] - row["metrics"][f"adherence_{a}"]) for a in shapes.ATTRIBUTES]
+            passed = (row["speedup_vs_fp32"] >= min_speedup and max(drops) <= max_drop
+                      and row["metrics"]["fvd_shapes"] <= max_fvd * base["metrics"]["fvd_shapes"])
+        out.append({"target": f"{name}: >= {min_speedup:g}x faster than fp32, no attribute more than {max_drop:g} points "
+                              f"lower, FVD at most {max_fvd:g}x fp32's", "variant": name, "passed": passed})
+    timed = [r for r in rows if r["status"] == "ok" and r["name"] != REFERENCE]
+    fastest = min(timed, key=lambda r: r["seconds_per_video"]) if timed else None
+    out.append({"target": f"the fastest variant makes a video in <= {BEST_SECONDS} s", "variant": fastest and fastest["name"],
+                "passed": fastest["seconds_per_video"] <= BEST_SECONDS if fastest else None})
     slower = [r["name"] for r in rows if r["status"] == "ok" and r["name"] != REFERENCE and r["speedup_vs_diffusers"] < 1]
     out.append({"target": "no variant slower than the plain diffusers loop", "variant": "*",
                 "passed": not slower, "slower": slower})

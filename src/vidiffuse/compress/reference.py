@@ -3,7 +3,8 @@ would write with diffusers alone.
 
 What it mirrors, and from where (diffusers 0.42):
 
-- the denoising loop of `WanPipeline.__call__`: ``scheduler.set_timesteps``, then per step one transformer
+- the denoising loop of `WanPipeline.__call__`: ``scheduler.set_timesteps`` (`set_steps`: for flow-match Euler
+  with FluxPipeline's even grid, as vidiffuse samples), then per step one transformer
   call for the prompt and a second, separate one for the negative prompt (CFG is not batched),
   ``noise_uncond + g * (noise_cond - noise_uncond)``, ``scheduler.step(...)``; the negative prompt is the
   empty string, encoded like any prompt, as Wan's ``encode_prompt`` does;
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..diffusion.sampling import make_scheduler
+from ..diffusion.sampling import make_scheduler, set_steps
 from ..errors import ConfigError, ModelLoadError
 from ..pipeline import SAMPLING_DEFAULTS, resolve_model_path, vae_scale_factor
 from ..text.encoders import TextEncoder, load_text_encoder
@@ -108,7 +109,7 @@ class ReferenceLoop:
         latents = randn_tensor(shape, generator=generators, dtype=torch.float32)
 
         scheduler = make_scheduler(sampler, float(self.defaults["shift"]))
-        scheduler.set_timesteps(steps)
+        set_steps(scheduler, steps)
         for t in scheduler.timesteps:
             timestep = t.expand(latents.shape[0])
             noise_pred = self.transformer(hidden_states=latents, timestep=timestep, **prompt_embeds,

@@ -425,6 +425,8 @@ def shapes_world_manifest(sources: Mapping[str, Mapping], frames: int = 16, size
             "captions_per_clip": int(data.get("captions_per_clip", 1)),
             "caption_drop_prob": float(data.get("caption_drop_prob", 0.15)),
             "frames": frames, "size": size, "fps": fps,
+            # absent means version 1, which manifests written before versions existed describe
+            **({"caption_version": int(data["caption_version"])} if int(data.get("caption_version", 1)) != 1 else {}),
         })
     return {
         "@context": CONTEXT, "@type": "sc:Dataset", "conformsTo": "http://mlcommons.org/croissant/1.0",

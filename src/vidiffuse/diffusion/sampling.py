@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
@@ -24,6 +25,16 @@ def make_scheduler(name: str, shift: float = 1.0):
     raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
+def set_steps(scheduler, steps: int) -> None:
+    """Give `scheduler` its `steps` noise levels. Flow-match Euler gets an even grid from 1 down to 1/steps, as
+    diffusers' FluxPipeline gives it: its own grid ends at 1/1000, so with 2 steps the second would barely
+    move, and a few-step (distilled) model needs every step to count."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))
+    else:
+        scheduler.set_timesteps(steps)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -36,7 +47,7 @@ def sample(
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Integrate from noise (t=1) to data (t=0). `cond`/`uncond` hold the denoiser's text inputs."""
-    scheduler.set_timesteps(steps)
+    set_steps(scheduler, steps)
     x = noise
     use_cfg = uncond is not None and guidance != 1.0
     if use_cfg:

@@ -124,7 +124,8 @@ def _caption_vocabulary() -> dict[str, dict[str, str]]:
     """Per attribute: phrase → value, from the world's own caption vocabulary."""
     vocab = {a: {syn.lower(): value for value, syns in shapes._SYN[a].items() for syn in syns} for a in shapes._SYN}
     # a "sentence" caption drops the relative pronoun: "that moves left" → "is ... moves left"
-    vocab["direction"] = {p.removeprefix("that ").lower(): d for d, phrases in shapes._MOTION.items() for p in phrases}
+    motion = shapes._MOTION_BY_VERSION[max(shapes.CAPTION_VERSIONS)]  # every version's phrases
+    vocab["direction"] = {p.removeprefix("that ").lower(): d for d, phrases in motion.items() for p in phrases}
     return vocab
 
 

@@ -30,6 +30,17 @@ def extra_colors(data_cfg: dict) -> list[str]:
     return names
 
 
+def caption_version(data_cfg: dict) -> int:
+    """The caption vocabulary a shapes [data] section asks for: `caption_version` (default 1)."""
+    version = data_cfg.get("caption_version", 1)
+    if version not in shapes.CAPTION_VERSIONS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"[data] caption_version must be one of {', '.join(map(str, shapes.CAPTION_VERSIONS))}, "
+                          f"got {version!r}")
+    return int(version)
+
+
 def shapes_specs(data_cfg: dict, frames: int = shapes.FRAMES, size: int = shapes.SIZE):
     """Yields (ClipSpec, captions) of a `kind = "shapes"` [data] section, without rendering (cheap).
 
@@ -37,6 +48,7 @@ def shapes_specs(data_cfg: dict, frames: int = shapes.FRAMES, size: int = shapes
     colour) gets one of those colours; the other clips are exactly the v1 world's clips of the same seeds.
     """
     seed, drop = int(data_cfg.get("seed", 0)), float(data_cfg.get("caption_drop_prob", 0.15))
+    version = caption_version(data_cfg)
     extra = extra_colors(data_cfg)
     share = float(data_cfg.get("extra_color_share", len(extra) / (len(shapes.COLORS) + len(extra))))
     for i in range(int(data_cfg["num_clips"])):
@@ -47,7 +59,7 @@ def shapes_specs(data_cfg: dict, frames: int = shapes.FRAMES, size: int = shapes
             if pick.random() < share:
                 fixed = {"color": extra[int(pick.integers(len(extra)))]}
         spec = shapes.sample_clip_spec(rng, frames, size, attributes=fixed)
-        yield spec, [shapes.sample_caption(spec, rng, drop) for _ in range(int(data_cfg.get("captions_per_clip", 1)))]
+        yield spec, [shapes.sample_caption(spec, rng, drop, version) for _ in range(int(data_cfg.get("captions_per_clip", 1)))]
 
 
 def _clip_source(data_cfg: dict, frames: int, size: int):

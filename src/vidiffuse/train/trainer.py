@@ -31,7 +31,7 @@ from ..data.manifest import canonical_json, manifest_sha256, training_data_manif
 from ..diffusion.flow import flow_matching_loss, sample_t
 from ..errors import ConfigError
 from ..files import sha256_file, write_atomic
-from ..pipeline import vae_scale_factor
+from ..pipeline import model_version, vae_scale_factor
 from ..precision import autocast, use_bf16
 from . import distributed
 from .checkpoint import has_checkpoint, read_checkpoint, write_checkpoint
@@ -214,7 +214,9 @@ class DenoiserTask:
                                    out_dir.parent / "cache", vae_id=vae_id, device=device)
         self.num_examples = len(self.data["caption_clip"])
         self.empty = self.text_encoder.encode([""])
-        if base is None:
+        if base is None and cfg["run"].get("init_from"):  # fine-tune every weight of a trained denoiser
+            self.model = VideoDiT.from_pretrained(init_path(cfg) / "transformer").float().train()
+        elif base is None:
             self.model = VideoDiT(in_channels=self.vae.config.latent_channels, text_dim=self.text_encoder.dim,
                                   sample_frames=self.frames, sample_size=self.size // vae_scale_factor(self.vae),
                                   **cfg["model"])
@@ -321,6 +323,24 @@ class DenoiserTask:
                     extra={"training_data_manifest_sha256": self.data_manifest_sha256})
 
 
+def init_path(cfg: dict) -> Path:
+    """The model directory whose denoiser a `[run] init_from` run starts from; its autoencoder must be the
+    config's, or the weights would be fine-tuned on latents they never saw."""
+    from ..pipeline import resolve_model_path
+
+    from safetensors.torch import load_file
+
+    path = resolve_model_path(cfg["run"]["init_from"])
+    ours = Path(cfg.get("autoencoder", {}).get("path", "")) / "diffusion_pytorch_model.safetensors"
+    theirs = load_file(path / "vae" / "diffusion_pytorch_model.safetensors")
+    same = ours.is_file() and (mine := load_file(ours)).keys() == theirs.keys() and all(
+        torch.equal(mine[k], theirs[k]) for k in theirs)
+    if not same:
+        raise ConfigError(f"[run] init_from = {cfg['run']['init_from']!r}: [autoencoder] path must be that model's "
+                          f"autoencoder ({path / 'vae'})")
+    return path
+
+
 def eval_prompts(n: int, seed: int = 1234, extra_colors: list[str] | tuple = ()) -> tuple[list[str], list[dict]]:
     """A fixed set of fully specified prompts with their attributes, for watching quality while training.
 
@@ -362,6 +382,12 @@ def _data_manifest(cfg: dict, base=None) -> dict:
         manifest["upstream_manifests"] = {"autoencoder": sha256_file(upstream)}
     if base is not None:
         manifest.setdefault("upstream_manifests", {})["base_model"] = base_record(base)
+    if cfg["run"].get("init_from"):  # the starting weights' own training data is part of this model's
+        path = init_path(cfg)
+        index = json.loads((path / "model_index.json").read_text())
+        manifest.setdefault("upstream_manifests", {})["init_from"] = {
+            "name": str(cfg["run"]["init_from"]), "version": model_version(path, index),
+            "training_data_manifest_sha256": index.get("training_data_manifest_sha256")}
     return manifest
 
 
