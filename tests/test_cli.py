@@ -36,7 +36,10 @@ def mdat(path) -> bytes:
     return data[at : at + size]
 
 
-def test_generate_batch(tiny_bundle, tmp_path):
+def test_generate_batch(tiny_bundle, tmp_path, monkeypatch):
+    # in fp32 a video does not depend on its batch-mates; bf16 kernels (native on AVX-512 BF16) round
+    # differently for another batch size, so that part is checked in fp32
+    monkeypatch.setenv("VIDIFFUSE_PRECISION", "fp32")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a blue square", "seed": 1}\n\n{"prompt": "a red dot", "seed": 2}\n{"prompt": "a green ball"}\n')
     proc = run_cli("generate", "--prompts", prompts, "--out-dir", tmp_path / "out", "--model", tiny_bundle,

@@ -45,8 +45,9 @@ def test_bundled_reference_flags_off_world_prompts_only(bundled):
     assert off.min() > in_dist.max()
     # deterministic: the same prompts score the same, in another batch and after reloading
     again = PromptOOD.load(BUNDLED["shapes"] / REFERENCE_FILE, bundled.text_encoder)
-    assert np.array_equal(again.score(OFF_WORLD), off)
-    assert np.array_equal(bundled.score(OFF_WORLD[1]), off[1:])
+    # equal to float rounding: oneDNN picks fp32 kernels by batch size on AVX-512, so last digits may differ
+    assert np.allclose(again.score(OFF_WORLD), off, rtol=1e-6, atol=0)
+    assert np.allclose(bundled.score(OFF_WORLD[1]), off[1:], rtol=1e-6, atol=0)
 
 
 def test_save_load_round_trip(text_encoder, tmp_path):

@@ -213,4 +213,4 @@ def test_bench_pruned_variant_swaps_in_the_pruned_denoiser_and_checks_its_origin
     # a pruned model of another source is refused rather than compared with the wrong baseline
     with pytest.raises(ConfigError, match="was pruned from tiny@"):
         pruned_transformer_for(VideoPipeline.from_pretrained(out), out)
-    assert bench._targets([])[-2]["target"].startswith("pruned: >= 25% fewer denoiser parameters")
+    assert any(t["target"].startswith("pruned: >= 25% fewer denoiser parameters") for t in bench._targets([]))

@@ -122,14 +122,16 @@ def frame_pool(data_cfg: dict, frames: int, size: int, cache_dir: Path) -> torch
 
 @torch.no_grad()
 def latent_dataset(data_cfg: dict, frames: int, size: int, vae, text_encoder, cache_dir: Path,
-                   vae_id: str, batch: int = 32, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                   vae_id: str, batch: int = 32, device: torch.device | str = "cpu",
+                   precision: str = "auto") -> dict[str, torch.Tensor]:
     """Latent clips (N, C, T, h, w) and, per caption, token embeddings, masks and pooled embeddings.
 
     `caption_clip[j]` is the clip that caption j describes (a clip may have several captions). The encoders
     run on `device` while encoding and are back on the CPU afterwards.
     """
     path = _cache_path(cache_dir, "latents", {**data_cfg, "frames": frames, "size": size, "vae": vae_id,
-                                              "text": text_encoder.name, "L": text_encoder.max_length})
+                                              "text": text_encoder.name, "L": text_encoder.max_length,
+                                              **({"precision": precision} if precision != "auto" else {})})
     if path.exists():
         return load_file(path)
     latents, tokens, masks, pooled, owner = [], [], [], [], []
@@ -141,7 +143,7 @@ def latent_dataset(data_cfg: dict, frames: int, size: int, vae, text_encoder, ca
     text_encoder.to(device)
     try:
         with tqdm(total=n, desc="encode clips") as bar, \
-                (torch.autocast("cuda", torch.bfloat16) if on_gpu else autocast()):
+                (torch.autocast("cuda", torch.bfloat16, enabled=precision != "fp32") if on_gpu else autocast(precision)):
             while bar.n < n:
                 chunk = [next(source) for _ in range(min(batch, n - bar.n))]
                 x = torch.from_numpy(np.stack([v for v, _ in chunk])).to(device).float().div(127.5).sub(1)

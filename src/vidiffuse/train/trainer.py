@@ -211,7 +211,8 @@ class DenoiserTask:
                 vae_id += "+" + self._carry_autoencoder_lora(cfg["lora"]["vae"], base)
             self.sampling = {**base.defaults, **cfg.get("sampling", {})}
         self.data = latent_dataset(data, self.frames, self.size, self.vae, self.text_encoder,
-                                   out_dir.parent / "cache", vae_id=vae_id, device=device)
+                                   out_dir.parent / "cache", vae_id=vae_id, device=device,
+                                   precision=cfg["run"]["precision"])  # a run in fp32 encodes its data in fp32 too
         self.num_examples = len(self.data["caption_clip"])
         self.empty = self.text_encoder.encode([""])
         if base is None and cfg["run"].get("init_from"):  # fine-tune every weight of a trained denoiser
