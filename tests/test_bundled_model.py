@@ -17,17 +17,23 @@ PROMPTS = [
 ]
 
 
+def assert_follows_prompts(videos, floors: dict) -> list[dict]:
+    """Each attribute of PROMPTS read back from `videos` at least `floors[attribute]` of the time."""
+    readings = [shapes.analyze_video(v) for v in videos]
+    for attribute, floor in floors.items():
+        accuracy = np.mean([r[attribute] == truth[attribute] for r, (_, truth) in zip(readings, PROMPTS)])
+        assert accuracy >= floor, (attribute, accuracy, readings)
+    return readings
+
+
 def test_bundled_model_is_the_default_and_follows_prompts():
     assert resolve_model_path(None) == resolve_model_path("shapes") == BUNDLED["shapes"]
     pipe = VideoPipeline.from_pretrained()
     out = pipe([p for p, _ in PROMPTS], seed=list(range(len(PROMPTS))), progress=False)
-    readings = [shapes.analyze_video(v) for v in out.frames]
     # floors well above chance (background/shape 1/3, colour 1/6, size 1/2, direction 1/5) that the
     # current model clears on these prompts; issue #2's targets are measured by benchmarks/engine.py
-    floors = {"background": 0.875, "color": 0.875, "shape": 0.5, "size": 0.75, "direction": 0.875}
-    for attribute, floor in floors.items():
-        accuracy = np.mean([r[attribute] == truth[attribute] for r, (_, truth) in zip(readings, PROMPTS)])
-        assert accuracy >= floor, (attribute, accuracy, readings)
+    readings = assert_follows_prompts(out.frames, {"background": 0.875, "color": 0.875, "shape": 0.5, "size": 0.75,
+                                                   "direction": 0.875})
     # the object keeps its colour, shape and size over time
     assert np.mean([r["stability"]["color"] for r in readings]) > 0.9
 
@@ -43,9 +49,6 @@ def test_bundled_distilled_model_is_a_student_of_the_bundled_model():
     assert isinstance(student.decoder, TinyDecoder)
     distilled_parts_for(teacher)  # what `vidiffuse bench` checks before running the `distilled` variant
     out = student([p for p, _ in PROMPTS], seed=list(range(len(PROMPTS))), progress=False)
-    readings = [shapes.analyze_video(v) for v in out.frames]
     # floors the student clears on these prompts (its shape lags the teacher's: benchmarks/results/compress)
-    floors = {"background": 0.875, "color": 0.875, "shape": 0.5, "size": 0.75, "direction": 0.875}
-    for attribute, floor in floors.items():
-        accuracy = np.mean([r[attribute] == truth[attribute] for r, (_, truth) in zip(readings, PROMPTS)])
-        assert accuracy >= floor, (attribute, accuracy, readings)
+    assert_follows_prompts(out.frames, {"background": 0.875, "color": 0.875, "shape": 0.5, "size": 0.75,
+                                        "direction": 0.875})

@@ -48,7 +48,7 @@ from torch import nn
 from ..data import shapes
 from ..errors import ConfigError
 from ..files import atomic_directory, write_atomic
-from .prune import DEFAULT_DATA, _lr, _read_jsonl, _rng, adherence_probe, recovery_data
+from .prune import DEFAULT_DATA, _lr, _read_jsonl, _rng, adherence_probe, derived_model, recovery_data
 
 FORMAT = "vidiffuse-distilled-v1"
 RECORD = "distill.json"  # in the distilled model's training/ folder
@@ -471,19 +471,8 @@ def distilled_parts_for(pipe, model: str | os.PathLike | None = None) -> tuple[n
     Returns (student, decoder, settings, what to report)."""
     from ..models.tiny_decoder import TinyDecoder
     from ..models.transformer import VideoDiT
-    from ..pipeline import resolve_model_path
 
-    current = pipe.transformer
-    if getattr(current, "quantization", None) or getattr(current, "_compiled_call_impl", None) is not None:
-        raise ConfigError("distillation replaces the denoiser, so it comes first: e.g. distilled+int8, not int8+distilled")
-    path = resolve_model_path(model or BUNDLED_DISTILLED)
-    index = json.loads((path / "model_index.json").read_text())
-    origin = index.get("distilled_from")
-    if not origin:
-        raise ConfigError(f"{path} is not a distilled model (no 'distilled_from' in its model_index.json)")
-    if origin.get("version") != pipe.version:
-        raise ConfigError(f"{path.name} was distilled from {origin.get('name')}@{origin.get('version')}, "
-                          f"not from {pipe.name}@{pipe.version}")
+    path, index = derived_model(pipe, model or BUNDLED_DISTILLED, "distilled", "distillation")
     student = VideoDiT.from_pretrained(path / "transformer", torch_dtype=torch.float32).eval()
     decoder = None
     if (path / "decoder" / "config.json").is_file():

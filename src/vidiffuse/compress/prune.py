@@ -481,6 +481,27 @@ def model_card_note(index: dict, record: dict) -> str:
 BUNDLED_PRUNED = "shapes-pruned"
 
 
+def derived_model(pipe, model: str | os.PathLike, kind: str, process: str) -> tuple[Path, dict]:
+    """The directory and model_index.json of a model made from `pipe`'s own model by `vidiffuse prune` or
+    `distill` (`kind` "pruned" or "distilled": its index says `<kind>_from`), for a bench variant that swaps
+    its parts into `pipe`. Refused when `pipe`'s denoiser was already quantized or compiled (the swap would
+    silently drop that) and when the model was made from another one (the comparison would be wrong)."""
+    from ..pipeline import resolve_model_path
+
+    current = pipe.transformer
+    if getattr(current, "quantization", None) or getattr(current, "_compiled_call_impl", None) is not None:
+        raise ConfigError(f"{process} replaces the denoiser, so it comes first: e.g. {kind}+int8, not int8+{kind}")
+    path = resolve_model_path(model)
+    index = json.loads((path / "model_index.json").read_text())
+    origin = index.get(f"{kind}_from")
+    if not origin:
+        raise ConfigError(f"{path} is not a {kind} model (no '{kind}_from' in its model_index.json)")
+    if origin.get("version") != pipe.version:
+        raise ConfigError(f"{path.name} was {kind} from {origin.get('name')}@{origin.get('version')}, "
+                          f"not from {pipe.name}@{pipe.version}")
+    return path, index
+
+
 def pruned_transformer_for(pipe, model: str | os.PathLike | None = None) -> tuple[nn.Module, dict]:
     """The denoiser of a pruned model directory (default: the bundled `shapes-pruned`), checked to have been
     pruned from `pipe`'s own model, to run in `pipe` in place of the full one (the bench's `pruned` variant).
@@ -488,19 +509,8 @@ def pruned_transformer_for(pipe, model: str | os.PathLike | None = None) -> tupl
     Returns it with what to report: the pruned model's folder and its share of fewer parameters.
     """
     from ..models.transformer import VideoDiT
-    from ..pipeline import resolve_model_path
 
-    current = pipe.transformer
-    if getattr(current, "quantization", None) or getattr(current, "_compiled_call_impl", None) is not None:
-        raise ConfigError("pruning replaces the denoiser, so it comes first: e.g. pruned+int8, not int8+pruned")
-    path = resolve_model_path(model or BUNDLED_PRUNED)
-    index = json.loads((path / "model_index.json").read_text())
-    origin = index.get("pruned_from")
-    if not origin:
-        raise ConfigError(f"{path} is not a pruned model (no 'pruned_from' in its model_index.json)")
-    if origin.get("version") != pipe.version:
-        raise ConfigError(f"{path.name} was pruned from {origin.get('name')}@{origin.get('version')}, "
-                          f"not from {pipe.name}@{pipe.version}")
+    path, _ = derived_model(pipe, model or BUNDLED_PRUNED, "pruned", "pruning")
     transformer = VideoDiT.from_pretrained(path / "transformer", torch_dtype=torch.float32).eval()
     full, kept = parameter_count(pipe.transformer), parameter_count(transformer)
     return transformer, {"model": path.name, "parameters": kept, "fewer_parameters": 1 - kept / full}
