@@ -83,7 +83,7 @@ def main() -> None:
                           "median_p_value": float(np.median([d.p_value for d in ds]))}
 
     result = {"model": args.model, "n": len(items), "threshold_p_value": wm.DETECTION_P_VALUE, "method": wm.METHOD,
-              "strength": wm.STRENGTH, "bits": {"payload": wm.PAYLOAD_BITS, "check": wm.CHECK_BITS},
+              "target_psnr_db": wm.TARGET_PSNR_DB, "bits": {"payload": wm.PAYLOAD_BITS, "check": wm.CHECK_BITS},
               "psnr_db": {"mean": float(np.mean(psnrs)), "min": float(np.min(psnrs))},
               "seconds": {"generate_per_video": generate_s, "embed_per_video": float(np.mean(embed_times)),
                           "detect_per_video": float(np.mean(detect_times))},
@@ -110,7 +110,7 @@ def summarize(rows: list[dict]) -> dict:
 def markdown(r: dict) -> str:
     lines = [f"# Watermark benchmark ({r['method']}, model {r['model']}, n = {r['n']} generated videos)", "",
              f"Detection threshold p ≤ {r['threshold_p_value']:g}; {r['bits']['payload']} payload bits + "
-             f"{r['bits']['check']} check bits; strength {r['strength']} luma levels RMS.", "",
+             f"{r['bits']['check']} check bits; strength chosen per video for PSNR {r['target_psnr_db']} dB.", "",
              f"- PSNR marked vs unmarked: mean {r['psnr_db']['mean']:.1f} dB, min {r['psnr_db']['min']:.1f} dB",
              f"- seconds per video: generation {r['seconds']['generate_per_video']:.3f}, embedding "
              f"{r['seconds']['embed_per_video'] * 1000:.1f} ms ({100 * r['embed_overhead']:.1f}% of generation), "

@@ -52,3 +52,19 @@ def test_bundled_distilled_model_is_a_student_of_the_bundled_model():
     # floors the student clears on these prompts (its shape lags the teacher's: benchmarks/results/compress)
     assert_follows_prompts(out.frames, {"background": 0.875, "color": 0.875, "shape": 0.5, "size": 0.75,
                                         "direction": 0.875})
+
+
+def test_bundled_image_to_video_model_starts_from_the_image():
+    """shapes-i2v: on held-out first frames, the object's path starts where the image shows it and the
+    video shows the image's attributes; a text-to-video model, given the same prompts, starts anywhere."""
+    from vidiffuse.evaluate.image_to_video import score_image_to_video
+
+    pipe = VideoPipeline.from_pretrained("shapes-i2v")
+    assert pipe.takes_image and pipe.index["fine_tuned_from"]["name"] == "shapes"
+    with_image = score_image_to_video(pipe, 8)["overall"]
+    # floors the model clears on these 8 (benchmarks/results/image_to_video: 200 clips)
+    assert with_image["start_error_px"] < 4.0, with_image
+    assert min(with_image[f"acc_{a}"] for a in ("background", "color", "shape", "size")) >= 0.75, with_image
+    assert with_image["acc_direction"] >= 0.75, with_image
+    text_only = score_image_to_video(pipe, 8, with_image=False)["overall"]
+    assert text_only["start_error_px"] > 2 * with_image["start_error_px"], text_only

@@ -81,6 +81,17 @@ def test_mark_is_invisible_by_psnr(marked_clips):
         assert np.abs(marked.astype(int) - clip).max() <= 16
 
 
+def test_strength_spends_the_distortion_budget(marked_clips):
+    """Each video's mark costs about TARGET_PSNR_DB, however much of it has to fold at black or white."""
+    strengths = {}
+    for bg, clip, _, marked in marked_clips:
+        psnr = 10 * np.log10(255**2 / ((marked.astype(np.float64) - clip) ** 2).mean())
+        assert abs(psnr - wm.TARGET_PSNR_DB) < 0.3, (bg, psnr)
+        strengths[bg] = wm.embedding_strength(clip.astype(np.float32), wm.pattern(7, KEY, *clip.shape[1:3]))
+    assert strengths["gray"] > 1.3 * strengths["white"]  # folding costs twice: a folded pattern is weaker
+    assert strengths["gray"] <= wm.MAX_STRENGTH
+
+
 def test_embedding_is_deterministic_and_size_independent():
     clip = clip_with("gray", 3)
     assert np.array_equal(wm.embed(clip, 7, KEY), wm.embed(clip, 7, KEY))

@@ -45,7 +45,7 @@ def generate(
         None, "--cache-threshold",
         help="Step caching (First Block Cache): skip the other DiT blocks at a step whose first-block output "
              "changed by less than this relative L1 amount, e.g. 0.1. Off unless given; 0 never skips."),
-    image: Optional[Path] = typer.Option(None, "--image", help="First frame, for image-to-video (Wan/CogVideoX I2V, LTX-Video)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="First frame, for image-to-video (shapes-i2v, Wan/CogVideoX I2V, LTX-Video)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Diffusers models: bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on CPU)."),
     offload: Optional[str] = typer.Option(None, "--offload", help="Diffusers models: 'model' or 'sequential' CPU offload, to fit GPU memory."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Diffusers models: VAE tiling and slicing, for large frames."),

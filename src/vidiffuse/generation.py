@@ -46,8 +46,8 @@ def check_prompts(pipe: VideoPipeline, prompts: list[str], labels: list[str]) ->
 
 def provenance_record(pipe: VideoPipeline, record: dict) -> dict:
     """What the signed manifest says about one generation: never the prompt, only its hash."""
-    settings = {k: record[k] for k in ("seed", "steps", "guidance", "sampler", "frames", "step_cache_threshold")
-                if k in record}
+    settings = {k: record[k] for k in ("seed", "steps", "guidance", "sampler", "frames", "step_cache_threshold",
+                                       "image_sha256") if k in record}
     return {"model": {"name": pipe.name, "version": pipe.version},
             "settings": {**settings, "fps": pipe.fps, "size": pipe.size},
             "prompt_sha256": prompt_sha256(record["prompt"]),
@@ -99,6 +99,10 @@ def read_prompts(path: Path) -> list[dict]:
             raise ConfigError(f'{path}:{n}: each line must be an object with a "prompt" string')
         if "seed" in item and not isinstance(item["seed"], int):
             raise ConfigError(f"{path}:{n}: seed must be an integer")
+        if "image" in item:  # image-to-video: a first frame for this line, relative to the prompts file
+            if not isinstance(item["image"], str) or not item["image"]:
+                raise ConfigError(f'{path}:{n}: "image" must be a file path')
+            item["image"] = str(path.parent / item["image"])
         items.append(item)
     if not items:
         raise ConfigError(f"{path} holds no prompts")
@@ -121,6 +125,10 @@ def generate_batch(pipe: VideoPipeline | str, prompts_file: Path, out_dir: Path,
     seeds = [int(item.get("seed", seed + i)) for i, item in enumerate(items)]
     names = [f"{i:04d}.mp4" for i in range(len(items))]
     scores = check_prompts(pipe, prompts, [f"prompt {i + 1} ({name})" for i, name in enumerate(names)])
+    if any("image" in item for item in items):
+        if settings.get("image") is not None:
+            raise ConfigError(f"{prompts_file} names images per line: give them there or with --image, not both")
+        settings["image"] = [item.get("image") for item in items]
     with maybe_step_cache(pipe.transformer, cache_threshold) as cache:
         result = pipe(prompts, seed=seeds, batch_size=batch_size, watermark=watermark, **settings)
     cache_record = {"step_cache": cache.as_dict()} if cache else {}  # totals over the whole file

@@ -30,8 +30,10 @@ from .diffusion.sampling import SAMPLERS, make_scheduler, sample
 from .errors import ConfigError, ModelLoadError
 from .files import atomic_directory
 from .precision import autocast
+from .models.transformer import first_frame_condition
 from .text.encoders import TextEncoder, load_text_encoder
 from .provenance import watermark as wm
+from .video.image import image_sha256, load_image
 from .video.io import frames_to_uint8, uint8_to_tensor
 
 if TYPE_CHECKING:
@@ -40,8 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-# shapes-pruned: compress/prune.py; shapes-distilled: compress/distill.py
-BUNDLED = {name: WEIGHTS_DIR / name for name in ("shapes", "shapes-pruned", "shapes-distilled")}
+# shapes-pruned: compress/prune.py; shapes-distilled: compress/distill.py; shapes-i2v: configs/shapes_i2v.toml
+BUNDLED = {name: WEIGHTS_DIR / name for name in ("shapes", "shapes-pruned", "shapes-distilled", "shapes-i2v")}
 DEFAULT_MODEL = "shapes"
 SAMPLING_DEFAULTS = {"steps": 20, "guidance": 4.0, "sampler": "unipc", "shift": 1.0}
 LIMITS = {"steps": (1, 500), "guidance": (0.0, 30.0), "frames": (2, 64), "prompt_chars": 1000}
@@ -294,16 +296,24 @@ class VideoPipeline:
         callback: Callable[[int, int], None] | None = None,
         watermark: bool = True,
         output_type: str = "video",
+        image=None,
     ) -> VideoOutput | torch.Tensor:
         """Generate one video per prompt. Each carries an invisible watermark naming the model and the
         generation (see `provenance.watermark`) unless `watermark=False`, which is logged and recorded in
         the returned settings (and from there in the file's signed manifest).
+
+        `image` (a path, PIL image or uint8 array, or a list of them, one per prompt, None for text alone) is
+        the first frame, for
+        a model trained with image conditioning (`VideoDiT.with_image_conditioning`, e.g. `shapes-i2v`): the
+        video starts from it and the prompt says what happens next. It is centre-cropped to a square and
+        resized to the model's size; its hash is recorded in the settings and the watermark.
 
         `output_type="latent"` returns the sampled latents (B, c, T, h, w) instead, undecoded and unmarked
         (as diffusers pipelines do): for distillation, not for people."""
         if output_type not in ("video", "latent"):
             raise ConfigError(f"output_type must be 'video' or 'latent', got {output_type!r}")
         prompts, seeds, steps, guidance, sampler, frames = self._settings(prompt, seed, steps, guidance, sampler, frames)
+        firsts, first_latents = self._first_frame(image, len(prompts))
         side = self.size // vae_scale_factor(self.vae)
         latent_shape = (self.vae.config.latent_channels, frames, side, side)
         total = len(prompts) * steps
@@ -323,6 +333,12 @@ class VideoPipeline:
                 if self._empty is None:
                     self._empty = self._encode_text([""])
                 uncond = {k: v.expand(len(chunk), *v.shape[1:]) for k, v in self._empty.items()}
+                first, given = None, None
+                if first_latents is not None:  # the image is in both branches: guidance is on the text alone
+                    chunk_latents = first_latents[start : start + batch_size]
+                    given = ~chunk_latents.flatten(1).isnan().any(1)
+                    first = chunk_latents.nan_to_num()
+                    cond["condition"] = uncond["condition"] = first_frame_condition(first, frames, given)
 
                 def report(i: int, n: int, base: int = done_before, k: int = len(chunk)) -> None:
                     if bar is not None:
@@ -332,7 +348,7 @@ class VideoPipeline:
                         callback(base // k + i if k else i, total // max(k, 1))
 
                 latents = sample(self.transformer, noise, cond, uncond, make_scheduler(sampler, float(self.defaults["shift"])),
-                                 steps, guidance, callback=report)
+                                 steps, guidance, callback=report, first_frame=first, first_given=given)
                 videos.append(latents if output_type == "latent" else self.decode(latents))
             done_before += steps * len(chunk)
         if bar is not None:
@@ -341,7 +357,44 @@ class VideoPipeline:
             return torch.cat(videos)
         settings = [{"prompt": p, "seed": s, "steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames,
                      "model": self.name} for p, s in zip(prompts, seeds)]
+        if firsts is not None:
+            for record, first in zip(settings, firsts):
+                if first is not None:
+                    record["image_sha256"] = image_sha256(first)
         return self._finish(torch.cat(videos), settings, watermark)
+
+    @property
+    def takes_image(self) -> bool:
+        return bool(getattr(self.transformer.config, "image_conditioning", False))
+
+    def _first_frame(self, image, n: int) -> tuple[list | None, torch.Tensor | None]:
+        """For image-to-video, the `n` first frames as given (one image for all, or a list of `n`, where None
+        means text alone for that prompt) and their latents (n, c, h, w), NaN where None; (None, None)
+        without any image."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image] * n
+        if all(im is None for im in images):
+            return None, None
+        if not self.takes_image:
+            raise ConfigError(f"{self.name} is text-to-video only; --image needs an image-to-video model: a VideoDiT "
+                              "trained with image conditioning (e.g. shapes-i2v), a diffusers Wan or CogVideoX I2V, "
+                              "or LTX-Video")
+        if len(images) != n:
+            raise ConfigError(f"{n} prompts but {len(images)} images")
+        from PIL import Image, ImageOps
+
+        firsts = [None if im is None else load_image(im) for im in images]
+        latents = []
+        for first in firsts:  # one at a time: a video must not depend on which images share its call
+            if first is None:
+                latents.append(None)
+                continue
+            square = ImageOps.fit(first, (self.size, self.size), method=Image.Resampling.LANCZOS)
+            x = uint8_to_tensor(np.asarray(square)[None]).transpose(0, 1)  # (1, 3, H, W) in [-1, 1]
+            with torch.no_grad():
+                z = self.vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mode()
+            latents.append(z.float() * self.vae.config.scaling_factor)
+        shape = next(z for z in latents if z is not None).shape
+        return firsts, torch.cat([torch.full(shape, float("nan")) if z is None else z for z in latents])
 
     def _finish(self, video: torch.Tensor, settings: list[dict], watermark: bool) -> VideoOutput:
         """uint8 frames of `video` (B, C, T, H, W), each marked with its record's payload (or the mark's

@@ -32,12 +32,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelLoadError
 from ..files import sha256_file, vidiffuse_home, write_atomic
 from ..pipeline import LIMITS, VideoOutput, VideoPipeline, model_version
+from ..video.image import image_sha256, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -178,35 +178,6 @@ def weights_version(path: Path, index: dict) -> str:
     for p in files:
         digest.update(f"{p.relative_to(path).as_posix()} {_file_sha256(p)}\n".encode())
     return digest.hexdigest()[:12]
-
-
-# ---------------------------------------------------------------- images
-
-
-def load_image(image):
-    """A path, PIL image or uint8 (H, W, 3) array as an RGB PIL image; ConfigError if it is none of them."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise ConfigError(f"an image array must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-        return Image.fromarray(image)
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as f:
-                return f.convert("RGB")
-        except FileNotFoundError:
-            raise ConfigError(f"image {image} does not exist") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ConfigError(f"cannot read image {image}: {e}") from None
-    raise ConfigError(f"an image must be a file path, a PIL image or a uint8 array, not {type(image).__name__}")
-
-
-def image_sha256(image) -> str:
-    """SHA-256 of an RGB image's size and pixels: which first frame a video was conditioned on, format aside."""
-    return hashlib.sha256(f"{image.width}x{image.height}\n".encode() + image.tobytes()).hexdigest()
 
 
 def valid_frames(n: int, ratio: int) -> int:
@@ -383,6 +354,9 @@ class DiffusersVideoPipeline(VideoPipeline):
         LTX-Video takes one with its text-to-video weights. Text-to-video prompts run `batch_size` at a
         time; image-to-video and continuation run one video at a time."""
         prompts, seeds, steps, guidance, sampler, frames = self._settings(prompt, seed, steps, guidance, sampler, frames)
+        if isinstance(image, (list, tuple)):
+            raise ConfigError(f"{self.name} takes one first frame per call (--image); images per prompt are for "
+                              "vidiffuse's own image-to-video models")
         if image is None and self.task == "i2v":
             raise ConfigError(f"{self.name} is an image-to-video model: give the first frame (--image)")
         if image is not None and not self.can_continue:
@@ -615,8 +589,8 @@ def generation_setup(model: str | os.PathLike, settings: dict, image=None, promp
     given = {k: v for k, v in load_options.items() if v not in (None, False)}
     path = resolve_model_path(model)
     if diffusers_class(path) is None:
-        if image is not None:
-            raise ConfigError("--image needs an image-to-video model: a diffusers Wan or CogVideoX I2V, or LTX-Video")
+        if image is not None:  # the bundle checks that it takes a first frame
+            settings["image"] = image
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
             raise ConfigError(f"{flags}: for diffusers models (Wan, LTX-Video, CogVideoX), not {path.name}")

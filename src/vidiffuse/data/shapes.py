@@ -319,6 +319,14 @@ def _read_frame(frame: np.ndarray, bg_rgb: np.ndarray, colors: dict = COLORS) ->
     return FrameReading(True, color, shape, size, float(centroids[k][0]), float(centroids[k][1]))
 
 
+def locate_object(frame: np.ndarray) -> tuple[float, float] | None:
+    """The object's centroid (x, y) in pixels in one frame (H, W, 3) uint8, against the colour of the frame's
+    border; None where no object is found."""
+    border = np.concatenate([frame[0], frame[-1], frame[:, 0], frame[:, -1]]).astype(np.float32)
+    reading = _read_frame(frame, np.median(border, axis=0))
+    return (reading.cx, reading.cy) if reading.found else None
+
+
 def _vote(values: list[str]) -> tuple[str | None, float]:
     if not values:
         return None, 0.0

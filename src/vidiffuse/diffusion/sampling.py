@@ -45,10 +45,15 @@ def sample(
     steps: int,
     guidance: float = 1.0,
     callback: Callable[[int, int], None] | None = None,
+    first_frame: torch.Tensor | None = None,
+    first_given: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integrate from noise (t=1) to data (t=0). `cond`/`uncond` hold the denoiser's text inputs."""
+    """Integrate from noise (t=1) to data (t=0). `cond`/`uncond` hold the denoiser's inputs.
+
+    Image-to-video: where `first_given` (B,) is True, frame 0 is held at the clean latent `first_frame`
+    (B, c, h, w) through every step, as the model saw it in training (`hold_first_frame`)."""
     set_steps(scheduler, steps)
-    x = noise
+    x = hold_first_frame(noise, first_frame, first_given)
     use_cfg = uncond is not None and guidance != 1.0
     if use_cfg:
         both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
@@ -58,7 +63,16 @@ def sample(
             v = v_uncond + guidance * (v_cond - v_uncond)
         else:
             v = model(x, t.expand(x.shape[0]).to(x.dtype), **cond).sample.float()
-        x = scheduler.step(v, t, x).prev_sample
+        x = hold_first_frame(scheduler.step(v, t, x).prev_sample, first_frame, first_given)
         if callback is not None:
             callback(i + 1, steps)
+    return x
+
+
+def hold_first_frame(x: torch.Tensor, first_frame: torch.Tensor | None, given: torch.Tensor | None) -> torch.Tensor:
+    """`x` (B, c, T, h, w) with frame 0 replaced by the clean latent `first_frame` where `given`."""
+    if first_frame is None:
+        return x
+    x = x.clone()
+    x[given, :, 0] = first_frame[given].to(x.dtype)
     return x

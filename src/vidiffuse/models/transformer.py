@@ -5,6 +5,14 @@ Input `(B, C, T, H, W)` is cut into 3-D patches; every token attends to every ot
 pooled prompt embedding modulate every block through adaLN-zero, as in DiT / SD3: the pooled
 embedding carries the global attributes (colour, background) from the first step of training, while
 cross-attention reads the finer ones from the individual words.
+
+With `image_conditioning`, the model also takes a first frame (image-to-video). The sampler holds frame 0
+of the noisy input at the frame's clean latent (as LTX-Video conditions on frames), and the same latent, at
+frame 0 of an otherwise zero video, plus a mask channel that is 1 on the given frames, are concatenated to
+the input's channels (as Wan 2.1 I2V and CogVideoX I2V do), so the model knows which frame is clean. An
+all-zero condition means "no image", so one model does both text-to-video and image-to-video. `with_image_conditioning` turns a trained
+text-to-video model into one whose new input channels start at zero: it computes exactly what it did before
+until fine-tuning teaches it to read them.
 """
 
 from __future__ import annotations
@@ -115,10 +123,11 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         sample_size: int = 8,
         attention_head_dim: int | None = None,  # None: hidden_size // num_heads; set by pruning (compress/prune.py)
         mlp_hidden_size: int | None = None,  # None: hidden_size * mlp_ratio; set by pruning
+        image_conditioning: bool = False,  # also reads a first frame: in_channels + 1 more input channels
     ):
         super().__init__()
         self.out_channels = out_channels or in_channels
-        self.patch_embed = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv3d(self.input_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(256, hidden_size)
         self.pooled_embed = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
@@ -130,6 +139,26 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.proj_out = nn.Linear(hidden_size, math.prod(patch_size) * self.out_channels)
         self.gradient_checkpointing = False
         self._init_weights()
+
+    @property
+    def input_channels(self) -> int:
+        """Channels the patch embedding reads: the noisy latents, then (image-to-video) the condition."""
+        n = self.config.in_channels
+        return 2 * n + 1 if self.config.image_conditioning else n
+
+    @classmethod
+    def with_image_conditioning(cls, model: "VideoDiT") -> "VideoDiT":
+        """A copy of text-to-video `model` that also takes a first frame; its new input weights are zero."""
+        if model.config.image_conditioning:
+            raise ValueError("the model already takes a first frame")
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}  # _use_default_values would undo it
+        new = cls.from_config({**config, "image_conditioning": True})
+        state = model.state_dict()
+        weight = state["patch_embed.weight"]
+        state["patch_embed.weight"] = torch.cat(
+            [weight, weight.new_zeros(weight.shape[0], new.input_channels - weight.shape[1], *weight.shape[2:])], dim=1)
+        new.load_state_dict(state)
+        return new
 
     def _init_weights(self):
         for m in self.modules():
@@ -151,10 +180,19 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
         return_dict: bool = True,
     ):
+        """`condition` (B, in_channels + 1, T, H, W), for a model with `image_conditioning`: see
+        `first_frame_condition`; None is the all-zero condition (text only)."""
         b, _, t, h, w = hidden_states.shape
         pt, ph, pw = self.config.patch_size
+        if self.config.image_conditioning:
+            if condition is None:
+                condition = hidden_states.new_zeros(b, self.input_channels - hidden_states.shape[1], t, h, w)
+            hidden_states = torch.cat([hidden_states, condition.to(hidden_states.dtype)], dim=1)
+        elif condition is not None:
+            raise ValueError("this model takes no first frame (image_conditioning is off)")
         x = self.patch_embed(hidden_states)
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
@@ -176,3 +214,16 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if not return_dict:
             return (x,)
         return Transformer2DModelOutput(sample=x)
+
+
+def first_frame_condition(first: torch.Tensor, frames: int, given: torch.Tensor | None = None) -> torch.Tensor:
+    """The image-to-video condition for latent videos of `frames` frames: the first frame's latent `first`
+    (B, c, h, w) at frame 0 and zeros after it, plus a mask channel that is 1 on frame 0. Rows where `given`
+    is False get the all-zero condition (no image: text to video)."""
+    b, c, h, w = first.shape
+    condition = first.new_zeros(b, c + 1, frames, h, w)
+    condition[:, :c, 0] = first
+    condition[:, c, 0] = 1.0
+    if given is not None:
+        condition[~given.to(condition.device)] = 0.0
+    return condition

@@ -31,6 +31,7 @@ from ..data.manifest import canonical_json, manifest_sha256, training_data_manif
 from ..diffusion.flow import flow_matching_loss, sample_t
 from ..errors import ConfigError
 from ..files import sha256_file, write_atomic
+from ..models.transformer import first_frame_condition
 from ..pipeline import model_version, vae_scale_factor
 from ..precision import autocast, use_bf16
 from . import distributed
@@ -215,8 +216,13 @@ class DenoiserTask:
                                    precision=cfg["run"]["precision"])  # a run in fp32 encodes its data in fp32 too
         self.num_examples = len(self.data["caption_clip"])
         self.empty = self.text_encoder.encode([""])
+        self.fine_tuned_from = None
         if base is None and cfg["run"].get("init_from"):  # fine-tune every weight of a trained denoiser
-            self.model = VideoDiT.from_pretrained(init_path(cfg) / "transformer").float().train()
+            start = init_path(cfg)
+            self.fine_tuned_from = {"name": str(cfg["run"]["init_from"]), "version": model_version(start)}
+            self.model = VideoDiT.from_pretrained(start / "transformer").float().train()
+            if cfg["model"].get("image_conditioning") and not self.model.config.image_conditioning:
+                self.model = VideoDiT.with_image_conditioning(self.model).train()  # text-to-video → image-to-video
         elif base is None:
             self.model = VideoDiT(in_channels=self.vae.config.latent_channels, text_dim=self.text_encoder.dim,
                                   sample_frames=self.frames, sample_size=self.size // vae_scale_factor(self.vae),
@@ -227,6 +233,10 @@ class DenoiserTask:
             self.lora_params = attach(self.model, cfg["lora"])
         run = cfg["run"]
         self.p_uncond = float(run.get("p_uncond", 0.1))
+        # image-to-video: each example is conditioned on its own first frame, except a share `p_no_image`
+        # trained on text alone, so the model keeps doing text-to-video too
+        self.image_conditioning = bool(getattr(self.model.config, "image_conditioning", False))
+        self.p_no_image = float(run.get("p_no_image", 0.1))
         self.t_mean, self.t_std, self.t_shift = (float(run.get(k, d)) for k, d in
                                                  (("t_mean", 0.0), ("t_std", 1.0), ("t_shift", 1.0)))
 
@@ -265,19 +275,40 @@ class DenoiserTask:
         drop = (torch.rand(len(idx), generator=gen) < self.p_uncond)[part]
         noise = torch.randn((len(idx), *d["latents"].shape[1:]), generator=gen)[part]
         t = sample_t(len(idx), gen, self.t_mean, self.t_std, self.t_shift)[part]
+        # drawn last, and only by image-to-video runs: text-to-video runs keep their random stream
+        image = (torch.rand(len(idx), generator=gen) >= self.p_no_image)[part] if self.image_conditioning else None
         idx = idx[part]
         x0 = d["latents"][d["caption_clip"][idx]].float()
         tokens, mask, pooled = d["tokens"][idx].float(), d["mask"][idx].clone(), d["pooled"][idx].float()
         tokens[drop], mask[drop], pooled[drop] = self.empty.tokens[0], self.empty.mask[0], self.empty.pooled[0]
         cond = {"encoder_hidden_states": tokens.to(dev), "encoder_attention_mask": mask.to(dev),
                 "pooled_projections": pooled.to(dev)}
+        if image is not None:  # the latents are per frame, so frame 0's latent is the first frame's encoding
+            cond["condition"] = first_frame_condition(x0[:, :, 0], x0.shape[2], image).to(dev)
         return x0.to(dev), noise.to(dev), t.to(dev), cond, idx
 
     def loss(self, model, idx: torch.Tensor, gen: torch.Generator, part) -> torch.Tensor:
         if self.teacher is not None:
             return self._loss_with_preservation(model, idx, gen, part)
         x0, noise, t, cond, _ = self._draw(idx, gen, part)
+        if self.image_conditioning:
+            return self._image_to_video_loss(model, x0, noise, t, cond)
         return flow_matching_loss(model, x0, noise, t, **cond)
+
+    @staticmethod
+    def _image_to_video_loss(model, x0, noise, t, cond) -> torch.Tensor:
+        """Flow matching with the given first frame clean in the input (as LTX-Video conditions on frames):
+        the model learns to continue a frame it sees, not to redraw it; frame 0's loss is left out there,
+        since its noise is not in the input to predict."""
+        from ..diffusion.flow import interpolate
+        from ..diffusion.sampling import hold_first_frame
+
+        given = cond["condition"][:, -1, 0].flatten(1).any(1)  # the mask channel
+        xt = hold_first_frame(interpolate(x0, noise, t), x0[:, :, 0], given)
+        err = (model(xt, t * 1000, **cond).sample.float() - (noise - x0).float()).pow(2)
+        weight = torch.ones_like(err)
+        weight[given, :, 0] = 0
+        return (err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)
 
     def _loss_with_preservation(self, model, idx: torch.Tensor, gen: torch.Generator, part) -> torch.Tensor:
         from ..diffusion.flow import interpolate
@@ -303,6 +334,15 @@ class DenoiserTask:
 
         pipe = VideoPipeline(transformer=model, vae=self.vae, text_encoder=self.text_encoder,
                              frames=self.frames, size=self.size, defaults=self.sampling)
+        if self.image_conditioning:
+            from ..evaluate.image_to_video import score_image_to_video
+
+            n = int(self.cfg["run"].get("eval_prompts", 24))
+            return {**{f"text_{k}": v for k, v in self._text_to_video_scores(pipe).items()},
+                    **{f"image_{k}": v for k, v in score_image_to_video(pipe, n)["overall"].items()}}
+        return self._text_to_video_scores(pipe)
+
+    def _text_to_video_scores(self, pipe) -> dict:
         extra = self.extra_colors
         prompts, truth = eval_prompts(int(self.cfg["run"].get("eval_prompts", 24)), extra_colors=extra)
         videos = pipe(prompts, seed=0, progress=False).frames
@@ -321,7 +361,8 @@ class DenoiserTask:
 
         save_bundle(out, transformer=ema, vae=self.vae, text_encoder=self.text_encoder, frames=self.frames,
                     size=self.size, defaults=self.cfg.get("sampling", {}),
-                    extra={"training_data_manifest_sha256": self.data_manifest_sha256})
+                    extra={"training_data_manifest_sha256": self.data_manifest_sha256,
+                           **({"fine_tuned_from": self.fine_tuned_from} if self.fine_tuned_from else {})})
 
 
 def init_path(cfg: dict) -> Path:
