@@ -287,3 +287,17 @@ def test_batch_mode_takes_an_image_per_line(i2v_bundle, i2v_pipe, tmp_path):
     bad.write_text(json.dumps({"prompt": "a", "image": 3}) + "\n")
     with pytest.raises(ConfigError, match='bad.jsonl:1: "image" must be a file path'):
         generate_batch(i2v_bundle, bad, tmp_path / "out3")
+
+
+def test_lora_on_an_image_to_video_base(i2v_bundle, tmp_path):
+    """A LoRA on an image-to-video model trains with its first-frame objective; prior preservation, whose
+    loss has no first frame, is refused in one line instead of training a different objective."""
+    from test_lora import write_config
+
+    lora = f'[lora]\nbase = "{i2v_bundle}"\nrank = 4\n'
+    out = train(write_config(tmp_path / "a.toml", out=tmp_path / "a", steps=2, lora=lora))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    kept = lora + "preserve_weight = 1.0\n"
+    with pytest.raises(ConfigError, match="not supported on an image-to-video base"):
+        train(write_config(tmp_path / "b.toml", out=tmp_path / "b", steps=2, lora=kept,
+                           data='extra_colors = ["pink"]\nextra_color_share = 0.5\n'))

@@ -237,6 +237,9 @@ class DenoiserTask:
         # trained on text alone, so the model keeps doing text-to-video too
         self.image_conditioning = bool(getattr(self.model.config, "image_conditioning", False))
         self.p_no_image = float(run.get("p_no_image", 0.1))
+        if self.image_conditioning and self.teacher is not None:
+            raise ConfigError("[lora] preserve_weight with extra colours is not supported on an image-to-video "
+                              "base; set preserve_weight = 0")
         self.t_mean, self.t_std, self.t_shift = (float(run.get(k, d)) for k, d in
                                                  (("t_mean", 0.0), ("t_std", 1.0), ("t_shift", 1.0)))
 
