@@ -389,7 +389,7 @@ class VideoPipeline:
                 latents.append(None)
                 continue
             square = ImageOps.fit(first, (self.size, self.size), method=Image.Resampling.LANCZOS)
-            x = uint8_to_tensor(np.asarray(square)[None]).transpose(0, 1)  # (1, 3, H, W) in [-1, 1]
+            x = uint8_to_tensor(np.array(square)[None]).transpose(0, 1)  # (1, 3, H, W) in [-1, 1]; a writable copy
             with torch.no_grad():
                 z = self.vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mode()
             latents.append(z.float() * self.vae.config.scaling_factor)
