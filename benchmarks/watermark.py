@@ -20,16 +20,12 @@ from tqdm import tqdm
 
 from vidiffuse.data import shapes
 from vidiffuse.evaluate.suite import load_golden
+from vidiffuse.monitor.canary import psnr
 from vidiffuse.pipeline import VideoPipeline
 from vidiffuse.provenance import watermark as wm
 from vidiffuse.provenance.attacks import ATTACKS
 
 OUT = Path(__file__).parent / "results"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b) ** 2).mean())
-    return 10 * np.log10(255**2 / mse) if mse else float("inf")
 
 
 def main() -> None:

@@ -113,7 +113,7 @@ def test_frame_zero_is_held_at_the_image_through_sampling(i2v_pipe):
                            progress=False)
     finally:
         hook.remove()
-    _, first = i2v_pipe._first_frame(image, 1)
+    _, first, _ = i2v_pipe._first_frame(image, 1)
     assert torch.equal(latents[0, :, 0], first[0].to(latents.dtype))
     assert not torch.allclose(latents[1, :, 0], first[0], atol=0.1)  # no image: frame 0 is sampled
     for x in inputs:  # (uncond, cond) × 2 prompts

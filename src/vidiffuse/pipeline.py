@@ -313,7 +313,7 @@ class VideoPipeline:
         if output_type not in ("video", "latent"):
             raise ConfigError(f"output_type must be 'video' or 'latent', got {output_type!r}")
         prompts, seeds, steps, guidance, sampler, frames = self._settings(prompt, seed, steps, guidance, sampler, frames)
-        firsts, first_latents = self._first_frame(image, len(prompts))
+        firsts, first_latents, first_given = self._first_frame(image, len(prompts))
         side = self.size // vae_scale_factor(self.vae)
         latent_shape = (self.vae.config.latent_channels, frames, side, side)
         total = len(prompts) * steps
@@ -335,9 +335,7 @@ class VideoPipeline:
                 uncond = {k: v.expand(len(chunk), *v.shape[1:]) for k, v in self._empty.items()}
                 first, given = None, None
                 if first_latents is not None:  # the image is in both branches: guidance is on the text alone
-                    chunk_latents = first_latents[start : start + batch_size]
-                    given = ~chunk_latents.flatten(1).isnan().any(1)
-                    first = chunk_latents.nan_to_num()
+                    first, given = first_latents[start : start + batch_size], first_given[start : start + batch_size]
                     cond["condition"] = uncond["condition"] = first_frame_condition(first, frames, given)
 
                 def report(i: int, n: int, base: int = done_before, k: int = len(chunk)) -> None:
@@ -367,13 +365,13 @@ class VideoPipeline:
     def takes_image(self) -> bool:
         return bool(getattr(self.transformer.config, "image_conditioning", False))
 
-    def _first_frame(self, image, n: int) -> tuple[list | None, torch.Tensor | None]:
+    def _first_frame(self, image, n: int) -> tuple[list | None, torch.Tensor | None, torch.Tensor | None]:
         """For image-to-video, the `n` first frames as given (one image for all, or a list of `n`, where None
-        means text alone for that prompt) and their latents (n, c, h, w), NaN where None; (None, None)
-        without any image."""
+        means text alone for that prompt), their latents (n, c, h, w), zero where None, and which prompts
+        have one (n,); (None, None, None) without any image."""
         images = list(image) if isinstance(image, (list, tuple)) else [image] * n
         if all(im is None for im in images):
-            return None, None
+            return None, None, None
         if not self.takes_image:
             raise ConfigError(f"{self.name} is text-to-video only; --image needs an image-to-video model: a VideoDiT "
                               "trained with image conditioning (e.g. shapes-i2v), a diffusers Wan or CogVideoX I2V, "
@@ -383,18 +381,17 @@ class VideoPipeline:
         from PIL import Image, ImageOps
 
         firsts = [None if im is None else load_image(im) for im in images]
-        latents = []
-        for first in firsts:  # one at a time: a video must not depend on which images share its call
-            if first is None:
-                latents.append(None)
-                continue
-            square = ImageOps.fit(first, (self.size, self.size), method=Image.Resampling.LANCZOS)
-            x = uint8_to_tensor(np.array(square)[None]).transpose(0, 1)  # (1, 3, H, W) in [-1, 1]; a writable copy
-            with torch.no_grad():
-                z = self.vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mode()
-            latents.append(z.float() * self.vae.config.scaling_factor)
-        shape = next(z for z in latents if z is not None).shape
-        return firsts, torch.cat([torch.full(shape, float("nan")) if z is None else z for z in latents])
+        latents = {}
+        for i, first in enumerate(firsts):  # one at a time: a video must not depend on which images share its call
+            if first is not None:
+                square = ImageOps.fit(first, (self.size, self.size), method=Image.Resampling.LANCZOS)
+                x = uint8_to_tensor(np.array(square)[None]).transpose(0, 1)  # (1, 3, H, W) in [-1, 1]; a writable copy
+                with torch.no_grad():
+                    z = self.vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mode()
+                latents[i] = z[0].float() * self.vae.config.scaling_factor
+        zero = torch.zeros_like(next(iter(latents.values())))
+        given = torch.tensor([first is not None for first in firsts])
+        return firsts, torch.stack([latents.get(i, zero) for i in range(n)]), given
 
     def _finish(self, video: torch.Tensor, settings: list[dict], watermark: bool) -> VideoOutput:
         """uint8 frames of `video` (B, C, T, H, W), each marked with its record's payload (or the mark's

@@ -175,18 +175,15 @@ def train_loop(model: nn.Module, loss_fn: Callable[[nn.Module, int], torch.Tenso
     grad_clip, checkpoint_every, eval_every, log_every."""
     from tqdm import tqdm
 
-    from ..train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+    from ..train.checkpoint import resume_step, save_checkpoint
 
     ckpt, log = work / f"{name}-checkpoint", work / f"{name}_metrics.jsonl"
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(run["lr"]), weight_decay=0.0, betas=(0.9, 0.99))
-    start, steps = 0, int(run["steps"])
-    if has_checkpoint(ckpt):
-        if not resume:
-            raise ConfigError(f"{work} already holds a {name} checkpoint; pass --resume to continue it "
-                              "or choose another work folder")
-        start = int(load_checkpoint(ckpt, model, ema, optimizer)["step"])
+    steps = int(run["steps"])
+    start = resume_step(ckpt, model, ema, optimizer, resume, name, work)
+    if start:
         say(f"{name}: resuming at step {start}")
 
     def write(record: dict) -> None:

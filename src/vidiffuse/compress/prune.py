@@ -327,7 +327,7 @@ def recover(student: nn.Module, teacher: nn.Module, data: dict, empty, work_dir:
     stops the run early (finished False); `resume` continues from there. Metrics (loss, and `evaluate`'s
     numbers on the EMA every run["eval_every"] steps) are appended to `work_dir/recovery_metrics.jsonl`.
     """
-    from ..train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+    from ..train.checkpoint import resume_step, save_checkpoint
 
     run = {**DEFAULT_RECOVERY, **(run or {})}
     say = progress or (lambda message: None)
@@ -338,12 +338,8 @@ def recover(student: nn.Module, teacher: nn.Module, data: dict, empty, work_dir:
     student.train().requires_grad_(True)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=float(run["lr"]), weight_decay=0.0, betas=(0.9, 0.99))
-    start = 0
-    if has_checkpoint(ckpt):
-        if not resume:
-            raise ConfigError(f"{work_dir} already holds a recovery checkpoint; pass --resume to continue it "
-                              "or choose another work folder")
-        start = int(load_checkpoint(ckpt, student, ema, optimizer)["step"])
+    start = resume_step(ckpt, student, ema, optimizer, resume, "recovery", work_dir)
+    if start:
         say(f"resuming recovery at step {start}")
     steps, seed, began = int(run["steps"]), int(run["seed"]), time.perf_counter()
     t_last, n_last = began, start

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import shapes
+from ..monitor.canary import psnr
 
 HELD_OUT_SEED = 7_000_000  # generate_example seeds; training clips are seeded as [seed, i, 0x5EED], a different stream
 
@@ -27,11 +28,6 @@ def examples(n: int, seed: int = HELD_OUT_SEED, unsaid: tuple[str, ...] = ()) ->
                                      np.random.default_rng([seed, i, 0xCA9]))
         out.append({"image": frames[0], "prompt": prompt, "truth": attrs, "start": shapes.locate_object(frames[0])})
     return out
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b) ** 2).mean())
-    return 10 * np.log10(255**2 / mse) if mse else float("inf")
 
 
 def score_videos(videos: list[np.ndarray], items: list[dict]) -> dict:

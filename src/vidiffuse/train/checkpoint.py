@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import ConfigError
 from ..files import atomic_directory
 
 
@@ -77,3 +78,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module, op
 def has_checkpoint(path: Path) -> bool:
     path = Path(path)
     return (path / "state.json").exists() or (path.with_name(path.name + ".old") / "state.json").exists()
+
+
+def resume_step(path: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                resume: bool, what: str, where) -> int:
+    """The step to start from: 0 without a checkpoint at `path`; with one, its step after loading it into
+    `model`, `ema` and `optimizer`, or, unless `resume`, a ConfigError naming the `what` checkpoint in `where`."""
+    if not has_checkpoint(path):
+        return 0
+    if not resume:
+        raise ConfigError(f"{where} already holds a {what} checkpoint; pass --resume to continue it "
+                          "or choose another work folder")
+    return int(load_checkpoint(path, model, ema, optimizer)["step"])
+

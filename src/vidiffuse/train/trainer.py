@@ -183,6 +183,7 @@ class AutoencoderTask:
 
 class DenoiserTask:
     data_manifest_sha256: str | None = None  # set by train() before export
+    fine_tuned_from: dict | None = None  # {"name", "version"} of an init_from run's start, set by train()
     device = torch.device("cpu")
 
     def __init__(self, cfg: dict, out_dir: Path, base=None, device: torch.device = torch.device("cpu")):
@@ -216,11 +217,8 @@ class DenoiserTask:
                                    precision=cfg["run"]["precision"])  # a run in fp32 encodes its data in fp32 too
         self.num_examples = len(self.data["caption_clip"])
         self.empty = self.text_encoder.encode([""])
-        self.fine_tuned_from = None
         if base is None and cfg["run"].get("init_from"):  # fine-tune every weight of a trained denoiser
-            start = init_path(cfg)
-            self.fine_tuned_from = {"name": str(cfg["run"]["init_from"]), "version": model_version(start)}
-            self.model = VideoDiT.from_pretrained(start / "transformer").float().train()
+            self.model = VideoDiT.from_pretrained(init_path(cfg) / "transformer").float().train()
             if cfg["model"].get("image_conditioning") and not self.model.config.image_conditioning:
                 self.model = VideoDiT.with_image_conditioning(self.model).train()  # text-to-video → image-to-video
         elif base is None:
@@ -489,6 +487,9 @@ def train(config_path: str | Path, resume: bool = False, max_steps: int | None =
     torch.manual_seed(seed)  # model initialisation
     task = _make_task(cfg, out, base, layout.device)
     task.data_manifest_sha256 = data_digest
+    init = data_manifest.get("upstream_manifests", {}).get("init_from")
+    if init:  # the manifest already resolved and hashed the starting model
+        task.fine_tuned_from = {"name": init["name"], "version": init["version"]}
     task.device = layout.device
     model = task.model.to(layout.device)
     if run["gradient_checkpointing"]:
