@@ -102,39 +102,3 @@ def test_synthesize_writes_clips_and_captions(tmp_path):
     video, fps = read_video(tmp_path / lines[0]["file"])
     assert video.shape == (3, 16, 64, 64) and fps == pytest.approx(8)
     assert shapes.analyze_video(frames_to_uint8(video))["color"] == lines[0]["color"]
-
-
-def test_plain_captions_state_what_each_training_caption_states():
-    """Caption distillation pairs every training caption with a version-1 caption of the same stated
-    attributes; the training captions themselves are the ones the trainer always drew."""
-    import re
-
-    from vidiffuse.train.data import _shapes_clips, plain_captions, shapes_specs
-
-    cfg = {"num_clips": 40, "seed": 5, "caption_version": 2, "captions_per_clip": 3, "caption_drop_prob": 0.3}
-    captions = [c for _, cs in shapes_specs(cfg) for c in cs]
-    legacy = []
-    for i in range(40):  # the draws as sample_caption makes them, clip by clip
-        rng = np.random.default_rng([5, i, 0x5EED])
-        spec = shapes.sample_clip_spec(rng)
-        legacy += [shapes.sample_caption(spec, rng, 0.3, 2) for _ in range(3)]
-    assert captions == legacy
-    stated = [said for _, pairs in _shapes_clips(cfg, shapes.FRAMES, shapes.SIZE) for _, said in pairs]
-    plain = plain_captions(cfg)
-    assert len(plain) == len(captions) == 120 and plain == plain_captions(cfg)
-    assert sum(None in said.values() for said in stated) > 40  # many captions leave something unsaid
-
-    vocab = {**{a: shapes._SYN[a] for a in ("background", "shape", "size")}, "color": shapes._COLOR_WORDS,
-             "direction": {d: [w.removeprefix("that ") for w in ws] for d, ws in shapes._MOTION.items()}}
-
-    def reading(text: str) -> dict:  # what a version-1 caption names, read back from its words
-        low = text.lower()
-        named = {a: [v for v, ws in values.items() if any(re.search(rf"\b{re.escape(w)}\b", low) for w in ws)]
-                 for a, values in vocab.items()}
-        return {a: (v[0] if len(v) == 1 else v or None) for a, v in named.items()}
-
-    path = re.compile(r"\bfrom (the )?(left|right|top|bottom)\b")
-    assert any(path.search(c.lower()) for c in captions)  # version 2 names where paths start...
-    for said, simple in zip(stated, plain):
-        assert not path.search(simple.lower()), simple  # ...version 1 does not
-        assert reading(simple) == said, simple

@@ -231,14 +231,10 @@ def make_caption(attrs: dict[str, str | None], rng: np.random.Generator, version
     return " ".join(text.replace(" ,", ",").replace(",;", ";").split()).rstrip(",")
 
 
-def stated_attributes(spec: ClipSpec, rng: np.random.Generator, drop_prob: float = 0.15) -> dict[str, str | None]:
-    """The clip's attributes, each left unsaid (None) with probability `drop_prob`."""
-    return {a: (None if rng.random() < drop_prob else v) for a, v in spec.attributes().items()}
-
-
 def sample_caption(spec: ClipSpec, rng: np.random.Generator, drop_prob: float = 0.15, version: int = 1) -> str:
     """Caption a clip, leaving each attribute unsaid with probability `drop_prob`."""
-    return make_caption(stated_attributes(spec, rng, drop_prob), rng, version)
+    attrs = {a: (None if rng.random() < drop_prob else v) for a, v in spec.attributes().items()}
+    return make_caption(attrs, rng, version)
 
 
 def generate_example(seed: int, frames: int = FRAMES, size: int = SIZE,

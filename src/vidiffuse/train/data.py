@@ -47,21 +47,6 @@ def shapes_specs(data_cfg: dict, frames: int = shapes.FRAMES, size: int = shapes
     With `extra_colors = ["pink"]`, a share `extra_color_share` of the clips (default: as often as each v1
     colour) gets one of those colours; the other clips are exactly the v1 world's clips of the same seeds.
     """
-    for spec, captions in _shapes_clips(data_cfg, frames, size):
-        yield spec, [caption for caption, _ in captions]
-
-
-def plain_captions(data_cfg: dict, frames: int = shapes.FRAMES, size: int = shapes.SIZE) -> list[str]:
-    """For each caption of a shapes [data] section, in order, a caption in version-1 words that states the same
-    attributes (and leaves the same ones unsaid): the phrasings the bundled models read best, so a model that
-    reads them is a teacher for the run's other phrasings (`[run] caption_distill_weight`)."""
-    seed = int(data_cfg.get("seed", 0))
-    stated = [said for _, captions in _shapes_clips(data_cfg, frames, size) for _, said in captions]
-    return [shapes.make_caption(said, np.random.default_rng([seed, j, 0x91A1]), 1) for j, said in enumerate(stated)]
-
-
-def _shapes_clips(data_cfg: dict, frames: int, size: int):
-    """Yields (ClipSpec, [(caption, the attributes it states)]) of a shapes [data] section."""
     seed, drop = int(data_cfg.get("seed", 0)), float(data_cfg.get("caption_drop_prob", 0.15))
     version = caption_version(data_cfg)
     extra = extra_colors(data_cfg)
@@ -74,11 +59,7 @@ def _shapes_clips(data_cfg: dict, frames: int, size: int):
             if pick.random() < share:
                 fixed = {"color": extra[int(pick.integers(len(extra)))]}
         spec = shapes.sample_clip_spec(rng, frames, size, attributes=fixed)
-        captions = []
-        for _ in range(int(data_cfg.get("captions_per_clip", 1))):
-            said = shapes.stated_attributes(spec, rng, drop)
-            captions.append((shapes.make_caption(said, rng, version), said))
-        yield spec, captions
+        yield spec, [shapes.sample_caption(spec, rng, drop, version) for _ in range(int(data_cfg.get("captions_per_clip", 1)))]
 
 
 def _clip_source(data_cfg: dict, frames: int, size: int):

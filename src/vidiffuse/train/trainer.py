@@ -36,7 +36,7 @@ from ..pipeline import model_version, vae_scale_factor
 from ..precision import autocast, use_bf16
 from . import distributed
 from .checkpoint import has_checkpoint, read_checkpoint, write_checkpoint
-from .data import extra_colors, frame_pool, latent_dataset, plain_captions, shapes_specs
+from .data import extra_colors, frame_pool, latent_dataset, shapes_specs
 from .lora import LORA_DIR, DiffusersLoraTask, attach, base_record, export_lora, load_base, lora_section
 
 DEFAULT_RUN = {
@@ -240,36 +240,6 @@ class DenoiserTask:
                               "base; set preserve_weight = 0")
         self.t_mean, self.t_std, self.t_shift = (float(run.get(k, d)) for k, d in
                                                  (("t_mean", 0.0), ("t_std", 1.0), ("t_shift", 1.0)))
-        self.caption_distill_weight = float(run.get("caption_distill_weight", 0.0))
-        if not 0 <= self.caption_distill_weight <= 1:
-            raise ConfigError(f"[run] caption_distill_weight must be in [0, 1], got {self.caption_distill_weight}")
-        if self.caption_distill_weight > 0:
-            self._init_caption_distillation(cfg, data, device)
-
-    caption_teacher = None
-
-    def _init_caption_distillation(self, cfg: dict, data: dict, device: torch.device) -> None:
-        """[run] caption_distill_weight = w > 0: the starting model (`init_from`), frozen, reads a plain caption of
-        the same stated attributes as each training caption (`train.data.plain_captions`), and the model learns
-        that prediction from the training caption; the loss is (1 - w) flow matching + w this. The teacher's
-        prediction is its conditional mean, a far less noisy target than flow matching's noise - x0, so phrasings
-        the teacher cannot read are learned from the few samples a CPU run affords, and what it reads is kept."""
-        if self.base is not None or not cfg["run"].get("init_from") or data.get("kind", "shapes") != "shapes" \
-                or self.image_conditioning:
-            raise ConfigError("[run] caption_distill_weight needs [run] init_from (the teacher), shapes-world data "
-                              "and a text-to-video model")
-        plain = plain_captions(data, self.frames, self.size)
-        if len(plain) != self.num_examples:
-            raise ConfigError(f"[run] caption_distill_weight: {len(plain)} plain captions for {self.num_examples} "
-                              "training captions")
-        self.text_encoder.to(device)
-        with autocast(cfg["run"]["precision"]) if device.type == "cpu" else torch.autocast(device.type, enabled=False):
-            embs = [self.text_encoder.encode(plain[i:i + 256]) for i in range(0, len(plain), 256)]
-        self.text_encoder.to("cpu")
-        self.plain = {"tokens": torch.cat([e.tokens.to(torch.bfloat16).cpu() for e in embs]),
-                      "mask": torch.cat([e.mask.cpu() for e in embs]),
-                      "pooled": torch.cat([e.pooled.to(torch.bfloat16).cpu() for e in embs])}
-        self.caption_teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def _carry_autoencoder_lora(self, path: str, base) -> str:
         """Train on the latents of an autoencoder LoRA (whose adapter the exported LoRA then carries)."""
@@ -310,24 +280,18 @@ class DenoiserTask:
         image = (torch.rand(len(idx), generator=gen) >= self.p_no_image)[part] if self.image_conditioning else None
         idx = idx[part]
         x0 = d["latents"][d["caption_clip"][idx]].float()
-        cond = self._text_condition(d, idx, drop)
+        tokens, mask, pooled = d["tokens"][idx].float(), d["mask"][idx].clone(), d["pooled"][idx].float()
+        tokens[drop], mask[drop], pooled[drop] = self.empty.tokens[0], self.empty.mask[0], self.empty.pooled[0]
+        cond = {"encoder_hidden_states": tokens.to(dev), "encoder_attention_mask": mask.to(dev),
+                "pooled_projections": pooled.to(dev)}
         if image is not None:  # the latents are per frame, so frame 0's latent is the first frame's encoding
             cond["condition"] = first_frame_condition(x0[:, :, 0], x0.shape[2], image).to(dev)
-        return x0.to(dev), noise.to(dev), t.to(dev), cond, idx, drop
-
-    def _text_condition(self, source: dict, idx: torch.Tensor, drop: torch.Tensor) -> dict:
-        """The denoiser's text inputs for captions `idx` of `source`, the empty prompt where `drop`."""
-        tokens, mask, pooled = source["tokens"][idx].float(), source["mask"][idx].clone(), source["pooled"][idx].float()
-        tokens[drop], mask[drop], pooled[drop] = self.empty.tokens[0], self.empty.mask[0], self.empty.pooled[0]
-        return {"encoder_hidden_states": tokens.to(self.device), "encoder_attention_mask": mask.to(self.device),
-                "pooled_projections": pooled.to(self.device)}
+        return x0.to(dev), noise.to(dev), t.to(dev), cond, idx
 
     def loss(self, model, idx: torch.Tensor, gen: torch.Generator, part) -> torch.Tensor:
         if self.teacher is not None:
             return self._loss_with_preservation(model, idx, gen, part)
-        if self.caption_teacher is not None:
-            return self._loss_with_caption_distillation(model, idx, gen, part)
-        x0, noise, t, cond, _, _ = self._draw(idx, gen, part)
+        x0, noise, t, cond, _ = self._draw(idx, gen, part)
         if self.image_conditioning:
             return self._image_to_video_loss(model, x0, noise, t, cond)
         return flow_matching_loss(model, x0, noise, t, **cond)
@@ -351,7 +315,7 @@ class DenoiserTask:
         from ..diffusion.flow import interpolate
 
         dev = self.device
-        x0, noise, t, cond, idx, _ = self._draw(idx, gen, part)
+        x0, noise, t, cond, idx = self._draw(idx, gen, part)
         xt = interpolate(x0, noise, t)
         pred = model(xt, t * 1000, **cond).sample.float()
         loss = (pred - (noise - x0)).pow(2).flatten(1).mean(1)
@@ -364,18 +328,6 @@ class DenoiserTask:
             drift[known] = (pred[known] - target).pow(2).flatten(1).mean(1)
             loss = loss + self.preserve * drift
         return loss
-
-    def _loss_with_caption_distillation(self, model, idx: torch.Tensor, gen: torch.Generator, part) -> torch.Tensor:
-        from ..diffusion.flow import interpolate
-
-        x0, noise, t, cond, idx, drop = self._draw(idx, gen, part)
-        xt = interpolate(x0, noise, t)
-        pred = model(xt, t * 1000, **cond).sample.float()
-        self.caption_teacher.to(self.device)
-        with torch.no_grad():
-            target = self.caption_teacher(xt, t * 1000, **self._text_condition(self.plain, idx, drop)).sample.float()
-        w = self.caption_distill_weight
-        return (1 - w) * (pred - (noise - x0)).pow(2).flatten(1).mean(1) + w * (pred - target).pow(2).flatten(1).mean(1)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
