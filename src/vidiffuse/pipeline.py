@@ -303,10 +303,9 @@ class VideoPipeline:
         the returned settings (and from there in the file's signed manifest).
 
         `image` (a path, PIL image or uint8 array, or a list of them, one per prompt, None for text alone) is
-        the first frame, for
-        a model trained with image conditioning (`VideoDiT.with_image_conditioning`, e.g. `shapes-i2v`): the
-        video starts from it and the prompt says what happens next. It is centre-cropped to a square and
-        resized to the model's size; its hash is recorded in the settings and the watermark.
+        the first frame, for a model trained with image conditioning (`VideoDiT.with_image_conditioning`, e.g.
+        `shapes-i2v`): the video starts from it and the prompt says what happens next. It is centre-cropped to
+        a square and resized to the model's size; its hash is recorded in the settings and the watermark.
 
         `output_type="latent"` returns the sampled latents (B, c, T, h, w) instead, undecoded and unmarked
         (as diffusers pipelines do): for distillation, not for people."""

@@ -10,9 +10,9 @@ With `image_conditioning`, the model also takes a first frame (image-to-video). 
 of the noisy input at the frame's clean latent (as LTX-Video conditions on frames), and the same latent, at
 frame 0 of an otherwise zero video, plus a mask channel that is 1 on the given frames, are concatenated to
 the input's channels (as Wan 2.1 I2V and CogVideoX I2V do), so the model knows which frame is clean. An
-all-zero condition means "no image", so one model does both text-to-video and image-to-video. `with_image_conditioning` turns a trained
-text-to-video model into one whose new input channels start at zero: it computes exactly what it did before
-until fine-tuning teaches it to read them.
+all-zero condition means "no image", so one model does both text-to-video and image-to-video.
+`with_image_conditioning` turns a trained text-to-video model into one whose new input channels start at
+zero: it computes exactly what it did before until fine-tuning teaches it to read them.
 """
 
 from __future__ import annotations

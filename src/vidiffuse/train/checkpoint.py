@@ -90,4 +90,3 @@ def resume_step(path: Path, model: torch.nn.Module, ema: torch.nn.Module, optimi
         raise ConfigError(f"{where} already holds a {what} checkpoint; pass --resume to continue it "
                           "or choose another work folder")
     return int(load_checkpoint(path, model, ema, optimizer)["step"])
-
