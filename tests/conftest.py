@@ -57,6 +57,21 @@ def tiny_bundle(tmp_path_factory, text_encoder):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle_with_reader(tmp_path_factory, tiny_bundle):
+    """The tiny bundle plus a prompt reader with random weights (it rewrites prompts, however badly)."""
+    import shutil
+
+    from vidiffuse.pipeline import READER_DIR
+    from vidiffuse.text.reader import PromptReader, shapes_vocabulary
+
+    out = tmp_path_factory.mktemp("models") / "tiny-with-reader"
+    shutil.copytree(tiny_bundle, out)
+    torch.manual_seed(0)
+    PromptReader(shapes_vocabulary(), max_length=32).save_pretrained(out / READER_DIR)
+    return out
+
+
 def disguised_copy(src, dst, crf=28, brightness=0):
     """A copy of a video that is not the same file: decoded, brightness-shifted, encoded again at another quality."""
     import numpy as np

@@ -142,6 +142,14 @@ def test_bench_writes_json_table_and_plot(tiny_bundle, tmp_path, monkeypatch):
     assert image.ndim == 3 and image.shape[1] > image.shape[0] > 200
 
 
+def test_reference_loop_reads_the_prompts_the_denoiser_reads(tiny_bundle_with_reader, tmp_path):
+    """With a prompt reader, the pipeline's denoiser gets the rewrite; the plain loop must get it too."""
+    report = bench.run_bench(tiny_bundle_with_reader, "fp32", n_prompts=2, steps=2, batch_size=2, repeats=1,
+                             out_dir=tmp_path / "bench", progress=False)
+    rows = {r["name"]: r for r in report["variants"]}
+    assert rows["fp32"]["pixel_mae_vs_diffusers"] < 0.01
+
+
 def test_cli_bench_refuses_an_unknown_variant_in_one_line(tiny_bundle, tmp_path):
     bad = run_cli("bench", "--model", tiny_bundle, "--variants", "fp32,warp", "--out", tmp_path / "x")
     assert bad.returncode == 1

@@ -88,6 +88,8 @@ def generate(
             err.print(f"wrote {sum(1 for _ in log.open())} videos to {out_dir} (settings in {log})")
         else:
             record = generate_file(target, prompt, output, seed=seed, **settings)
+            if "read_as" in record:
+                err.print(f"read as: {record['read_as']}")
             err.print(f"wrote {record['file']}")
 
 

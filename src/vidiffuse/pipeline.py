@@ -45,6 +45,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 # shapes-pruned: compress/prune.py; shapes-distilled: compress/distill.py; shapes-i2v: configs/shapes_i2v.toml
 BUNDLED = {name: WEIGHTS_DIR / name for name in ("shapes", "shapes-pruned", "shapes-distilled", "shapes-i2v")}
 DEFAULT_MODEL = "shapes"
+READER_DIR = "prompt_reader"  # a model directory's optional PromptReader (text/reader.py)
 SAMPLING_DEFAULTS = {"steps": 20, "guidance": 4.0, "sampler": "unipc", "shift": 1.0}
 LIMITS = {"steps": (1, 500), "guidance": (0.0, 30.0), "frames": (2, 64), "prompt_chars": 1000}
 
@@ -105,6 +106,7 @@ class VideoPipeline:
         self.vae = vae.eval().to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder
         self.decoder = None  # a TinyDecoder used in place of the autoencoder's decoder, when the model has one
+        self.prompt_reader = None  # a PromptReader that rewrites prompts for the denoiser, when the model has one
         self.frames, self.size, self.fps, self.name = frames, size, fps, name
         self.defaults = {**SAMPLING_DEFAULTS, **(defaults or {})}
         self._empty = None
@@ -140,6 +142,11 @@ class VideoPipeline:
                 from .models.tiny_decoder import TinyDecoder
 
                 decoder = TinyDecoder.from_pretrained(path / "decoder").eval().to(memory_format=torch.channels_last)
+            reader = None
+            if (path / READER_DIR / "config.json").is_file():
+                from .text.reader import PromptReader
+
+                reader = PromptReader.from_pretrained(path / READER_DIR).eval()
         except ModelLoadError:
             raise
         except Exception as e:  # diffusers raises OSError/ValueError/SafetensorError/JSON errors for bad files
@@ -148,7 +155,7 @@ class VideoPipeline:
                                          max_length=int(index.get("max_length", 24)))
         pipe = cls(transformer, vae, text_encoder, frames=index["frames"], size=index["size"], fps=index["fps"],
                    defaults=index.get("defaults"), name=index.get("name", path.name))
-        pipe.path, pipe.index, pipe.decoder = path, index, decoder
+        pipe.path, pipe.index, pipe.decoder, pipe.prompt_reader = path, index, decoder, reader
         return pipe
 
     @functools.cached_property
@@ -278,6 +285,13 @@ class VideoPipeline:
         self._validate(prompts, steps, guidance, frames, sampler)
         return prompts, seeds, steps, guidance, sampler, frames
 
+    def denoiser_prompts(self, prompts: list[str]) -> list[str] | None:
+        """What the denoiser reads for `prompts`: the prompt reader's plain rewrite, or None where the prompts
+        go in as written (no reader, or a LoRA whose new words the reader never learned is loaded)."""
+        if self.prompt_reader is None or self.loras:
+            return None
+        return self.prompt_reader.rewrite(self.text_encoder, prompts)
+
     def _encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         emb = self.text_encoder.encode(prompts)
         return {"encoder_hidden_states": emb.tokens, "encoder_attention_mask": emb.mask, "pooled_projections": emb.pooled}
@@ -313,6 +327,8 @@ class VideoPipeline:
             raise ConfigError(f"output_type must be 'video' or 'latent', got {output_type!r}")
         prompts, seeds, steps, guidance, sampler, frames = self._settings(prompt, seed, steps, guidance, sampler, frames)
         firsts, first_latents, first_given = self._first_frame(image, len(prompts))
+        read_as = self.denoiser_prompts(prompts)
+        texts = prompts if read_as is None else read_as
         side = self.size // vae_scale_factor(self.vae)
         latent_shape = (self.vae.config.latent_channels, frames, side, side)
         total = len(prompts) * steps
@@ -324,7 +340,7 @@ class VideoPipeline:
             bar = tqdm(total=total, desc="generate", unit="step", leave=False)
         videos = []
         for start in range(0, len(prompts), batch_size):
-            chunk, chunk_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
+            chunk, chunk_seeds = texts[start : start + batch_size], seeds[start : start + batch_size]
             # one generator per video: a video depends on its own seed, not on its batch-mates
             noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in chunk_seeds])
             with autocast():
@@ -354,6 +370,9 @@ class VideoPipeline:
             return torch.cat(videos)
         settings = [{"prompt": p, "seed": s, "steps": steps, "guidance": guidance, "sampler": sampler, "frames": frames,
                      "model": self.name} for p, s in zip(prompts, seeds)]
+        if read_as is not None:
+            for record, text in zip(settings, read_as):
+                record["read_as"] = text
         if firsts is not None:
             for record, first in zip(settings, firsts):
                 if first is not None:

@@ -309,10 +309,12 @@ def _files_bytes(*folders: Path) -> int:
 
 
 class _ReferenceRunner(_Runner):
-    def __init__(self, loop: ReferenceLoop, settings: dict):
+    def __init__(self, loop: ReferenceLoop, settings: dict, pipe):
         self.loop, self.settings, self.prepared = loop, settings, []
+        self.pipe = pipe  # the model's own pipeline: the loop gets the prompts its denoiser gets (its reader's rewrite)
 
     def generate(self, prompts, seeds):
+        prompts = self.pipe.denoiser_prompts(prompts) or prompts
         return self.loop(prompts, seeds, batch_size=len(prompts), **self.settings).frames
 
     def weights_bytes(self):
@@ -349,10 +351,11 @@ class _PipelineRunner(_Runner):
 
 
 def _copy_pipeline(base):
-    """A pipeline with its own denoiser and autoencoder, sharing the text encoder."""
+    """A pipeline with its own denoiser and autoencoder, sharing the text encoder and the prompt reader."""
     pipe = type(base)(copy.deepcopy(base.transformer), copy.deepcopy(base.vae), base.text_encoder, frames=base.frames,
                       size=base.size, fps=base.fps, defaults=base.defaults, name=base.name)
     pipe.path, pipe.index, pipe.decoder = base.path, base.index, copy.deepcopy(base.decoder)
+    pipe.prompt_reader = base.prompt_reader
     return pipe
 
 
@@ -439,7 +442,7 @@ def run_bench(model: str | os.PathLike | None = "shapes", variants: str | Sequen
         start = time.perf_counter()
         if result.plan.name == REFERENCE:  # the yardstick: without it there is nothing to compare, so no try
             result.runner = _ReferenceRunner(ReferenceLoop.from_pretrained(base.path, text_encoder=base.text_encoder),
-                                             settings)
+                                             settings, base)
         else:
             try:
                 pipe = _copy_pipeline(base)

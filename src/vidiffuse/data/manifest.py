@@ -447,6 +447,8 @@ def training_data_manifest(data_cfg: Mapping, frames: int, size: int, stage: str
     kind = data_cfg.get("kind", "shapes")
     if kind == "shapes":
         return shapes_world_manifest({stage: data_cfg}, frames, size)
+    if "root" not in data_cfg:
+        raise ConfigError(f'[data] kind = "{kind}" needs root, the folder of videos')
     root = Path(data_cfg["root"])
     deny = data_cfg.get("deny_licenses", DEFAULT_DENY)
     manifest = build_manifest(root, default_license=data_cfg.get("license"), default_source=data_cfg.get("source"),

@@ -231,10 +231,24 @@ def make_caption(attrs: dict[str, str | None], rng: np.random.Generator, version
     return " ".join(text.replace(" ,", ",").replace(",;", ";").split()).rstrip(",")
 
 
+def plain_caption(attrs: dict[str, str | None]) -> str:
+    """The caption of `attrs` in the world's own names for them, in one fixed sentence frame ("a small red circle
+    moving left on a black background"); attributes set to None are left unsaid. What a `PromptReader`
+    writes for the denoiser: the phrasing every caption version trains on, so it is read best."""
+    noun = " ".join(attrs[a] for a in ("size", "color") if attrs.get(a)) + " " + (attrs.get("shape") or "shape")
+    motion = _MOTION[attrs["direction"]][0] if attrs.get("direction") else ""
+    bg = f"on a {attrs['background']} background" if attrs.get("background") else ""
+    return " ".join(p for p in (f"{'an' if noun.strip()[0] in 'aeiou' else 'a'} {noun.strip()}", motion, bg) if p)
+
+
+def stated_attributes(spec: ClipSpec, rng: np.random.Generator, drop_prob: float = 0.15) -> dict[str, str | None]:
+    """The clip's attributes, each left unsaid (None) with probability `drop_prob`."""
+    return {a: (None if rng.random() < drop_prob else v) for a, v in spec.attributes().items()}
+
+
 def sample_caption(spec: ClipSpec, rng: np.random.Generator, drop_prob: float = 0.15, version: int = 1) -> str:
     """Caption a clip, leaving each attribute unsaid with probability `drop_prob`."""
-    attrs = {a: (None if rng.random() < drop_prob else v) for a, v in spec.attributes().items()}
-    return make_caption(attrs, rng, version)
+    return make_caption(stated_attributes(spec, rng, drop_prob), rng, version)
 
 
 def generate_example(seed: int, frames: int = FRAMES, size: int = SIZE,

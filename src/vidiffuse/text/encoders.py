@@ -26,7 +26,8 @@ class TextEncoder:
     dim: int
     max_length: int
 
-    def encode(self, prompts: list[str]) -> TextEmbedding:
+    def encode(self, prompts: list[str], max_length: int | None = None) -> TextEmbedding:
+        """Embeddings of `prompts`, cut or padded to `max_length` tokens (default: the encoder's own)."""
         raise NotImplementedError
 
     def to(self, device: torch.device | str) -> "TextEncoder":
@@ -55,9 +56,9 @@ class MiniLMEncoder(TextEncoder):
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> TextEmbedding:
+    def encode(self, prompts: list[str], max_length: int | None = None) -> TextEmbedding:
         batch = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                               max_length=self.max_length, return_tensors="pt").to(self.model.device)
+                               max_length=max_length or self.max_length, return_tensors="pt").to(self.model.device)
         tokens = self.model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].bool()
         # the pooling all-MiniLM-L6-v2 was trained with: masked mean, then L2 normalisation

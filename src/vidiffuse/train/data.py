@@ -47,6 +47,20 @@ def shapes_specs(data_cfg: dict, frames: int = shapes.FRAMES, size: int = shapes
     With `extra_colors = ["pink"]`, a share `extra_color_share` of the clips (default: as often as each v1
     colour) gets one of those colours; the other clips are exactly the v1 world's clips of the same seeds.
     """
+    for spec, captions in _shapes_clips(data_cfg, frames, size):
+        yield spec, [caption for caption, _ in captions]
+
+
+def shapes_captions(data_cfg: dict) -> tuple[list[str], list[dict[str, str | None]]]:
+    """Every caption of a shapes [data] section, in order, and the attributes each states (None: left unsaid):
+    a prompt reader's training examples and labels (train/reader.py)."""
+    frames, size = int(data_cfg.get("frames", shapes.FRAMES)), int(data_cfg.get("size", shapes.SIZE))
+    pairs = [pair for _, captions in _shapes_clips(data_cfg, frames, size) for pair in captions]
+    return [caption for caption, _ in pairs], [said for _, said in pairs]
+
+
+def _shapes_clips(data_cfg: dict, frames: int, size: int):
+    """Yields (ClipSpec, [(caption, the attributes it states)]) of a shapes [data] section."""
     seed, drop = int(data_cfg.get("seed", 0)), float(data_cfg.get("caption_drop_prob", 0.15))
     version = caption_version(data_cfg)
     extra = extra_colors(data_cfg)
@@ -59,7 +73,11 @@ def shapes_specs(data_cfg: dict, frames: int = shapes.FRAMES, size: int = shapes
             if pick.random() < share:
                 fixed = {"color": extra[int(pick.integers(len(extra)))]}
         spec = shapes.sample_clip_spec(rng, frames, size, attributes=fixed)
-        yield spec, [shapes.sample_caption(spec, rng, drop, version) for _ in range(int(data_cfg.get("captions_per_clip", 1)))]
+        captions = []
+        for _ in range(int(data_cfg.get("captions_per_clip", 1))):
+            said = shapes.stated_attributes(spec, rng, drop)
+            captions.append((shapes.make_caption(said, rng, version), said))
+        yield spec, captions
 
 
 def _clip_source(data_cfg: dict, frames: int, size: int):

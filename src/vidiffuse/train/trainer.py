@@ -1,8 +1,9 @@
-"""`vidiffuse train`: one loop for both stages of the default model.
+"""`vidiffuse train`: one loop for the three parts of the default model.
 
 Stage 1 (`task = "autoencoder"`) trains a small per-frame AutoencoderKL (diffusers) so that stage 2
 (`task = "denoiser"`) runs diffusion in a 48x smaller latent space — the sample efficiency the naive
-pixel-space recipe lacked (DESIGN.md §6).
+pixel-space recipe lacked (DESIGN.md §6). `task = "reader"` trains the prompt reader that rewrites a
+prompt into the captions' plain words before the denoiser reads it (train/reader.py).
 
 With a [lora] section (or `--lora`) either stage trains a LoRA adapter on a frozen base model instead
 (train/lora.py).
@@ -38,6 +39,7 @@ from . import distributed
 from .checkpoint import has_checkpoint, read_checkpoint, write_checkpoint
 from .data import extra_colors, frame_pool, latent_dataset, shapes_specs
 from .lora import LORA_DIR, DiffusersLoraTask, attach, base_record, export_lora, load_base, lora_section
+from .reader import ReaderTask
 
 DEFAULT_RUN = {
     "seed": 0, "steps": 1000, "batch_size": 32, "lr": 3e-4, "warmup": 100, "weight_decay": 0.0,
@@ -61,8 +63,8 @@ def load_config(path: str | Path, lora: bool = False) -> dict:
         cfg["lora"] = lora_section(cfg, path)
         cfg.setdefault("run", {}).setdefault("task", "denoiser")
     run = {**DEFAULT_RUN, **cfg.get("run", {})}
-    if run.get("task") not in ("autoencoder", "denoiser"):
-        raise ConfigError(f"{path}: [run] task must be 'autoencoder' or 'denoiser'")
+    if run.get("task") not in TASKS:
+        raise ConfigError(f"{path}: [run] task must be one of {', '.join(map(repr, TASKS))}")
     for key in ("steps", "batch_size"):
         if int(run[key]) <= 0:
             raise ConfigError(f"{path}: [run] {key} must be positive, got {run[key]}")
@@ -79,6 +81,9 @@ def load_config(path: str | Path, lora: bool = False) -> dict:
         raise ConfigError(f"{path}: compile = true is not supported with strategy = \"fsdp\"")
     cfg["run"] = run
     cfg.setdefault("data", {}).setdefault("num_clips", 1000)
+    if run["task"] == "reader" and cfg["data"].get("kind", "shapes") != "shapes":
+        raise ConfigError(f'{path}: [run] task = "reader" learns from the attributes each shapes-world caption '
+                          'states: [data] kind must be "shapes"')
     cfg.setdefault("model", {})
     return cfg
 
@@ -401,7 +406,7 @@ def eval_prompts(n: int, seed: int = 1234, extra_colors: list[str] | tuple = ())
     return prompts, truth
 
 
-TASKS = {"autoencoder": AutoencoderTask, "denoiser": DenoiserTask}
+TASKS = {"autoencoder": AutoencoderTask, "denoiser": DenoiserTask, "reader": ReaderTask}
 
 
 DATA_MANIFEST = "data_manifest.json"
