@@ -99,6 +99,8 @@ class VideoOutput:
 
 
 class VideoPipeline:
+    prompt_reader = None  # a PromptReader that rewrites prompts for the denoiser, when the model has one
+
     def __init__(self, transformer, vae, text_encoder: TextEncoder, frames: int = 16, size: int = 64, fps: int = 8,
                  defaults: dict | None = None, name: str = "custom"):
         self.transformer = transformer.eval()
@@ -106,7 +108,6 @@ class VideoPipeline:
         self.vae = vae.eval().to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder
         self.decoder = None  # a TinyDecoder used in place of the autoencoder's decoder, when the model has one
-        self.prompt_reader = None  # a PromptReader that rewrites prompts for the denoiser, when the model has one
         self.frames, self.size, self.fps, self.name = frames, size, fps, name
         self.defaults = {**SAMPLING_DEFAULTS, **(defaults or {})}
         self._empty = None

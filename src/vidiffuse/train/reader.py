@@ -2,7 +2,8 @@
 labelled with the attributes it states. Text only: no clip is rendered, and a step takes milliseconds; encoding
 the captions with the text encoder once, at the start, is most of the run's time.
 
-The exported directory goes into a model directory as its `prompt_reader/` (README, "The prompt reader").
+The exported directory goes into a model directory as its `prompt_reader/` (README, "Prompts in phrasings the
+denoiser never saw: the prompt reader").
 """
 
 from __future__ import annotations
