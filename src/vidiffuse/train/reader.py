@@ -65,4 +65,3 @@ class ReaderTask:
     def export(self, ema, out: Path) -> None:
         with atomic_directory(out) as tmp:
             ema.save_pretrained(tmp)
-
