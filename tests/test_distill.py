@@ -13,7 +13,7 @@ from vidiffuse.pipeline import VideoPipeline
 from vidiffuse.precision import autocast
 
 TINY_RUN = {"pairs": 6, "student_steps": 2, "steps": 4, "batch_size": 2, "decoder_steps": 3, "decoder_batch": 8,
-            "eval_prompts": 2, "eval_every": 2, "checkpoint_every": 2}
+            "decoder_student_videos": 2, "eval_prompts": 2, "eval_every": 2, "checkpoint_every": 2}
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -64,6 +64,20 @@ def test_tiny_decoder_reads_the_autoencoders_latents():
     decoder = TinyDecoder(width=8, num_blocks=(1, 1, 0))
     out = decoder.decode(torch.randn(3, 4, 16, 16)).sample
     assert out.shape == (3, 3, 64, 64)
+
+
+def test_decoder_data_pairs_the_students_latents_with_the_autoencoders_frames(tiny_bundle):
+    pipe = VideoPipeline.from_pretrained(tiny_bundle)
+    run = distill.check_run(TINY_RUN)
+    z, frames = distill.student_decoder_data(pipe, pipe.transformer, run)
+    assert z.shape[:2] == (2 * pipe.frames, pipe.vae.config.latent_channels)
+    assert frames.shape == (2 * pipe.frames, 3, pipe.size, pipe.size) and frames.dtype == torch.uint8
+    with torch.no_grad():
+        decoded = pipe.vae.decode(z.float() / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+    assert (frames.float() - (decoded + 1) * 127.5).abs().max() <= 1.0
+    # the student's samples at its own settings: a different seed stream gives different latents
+    z_other, _ = distill.student_decoder_data(pipe, pipe.transformer, {**run, "seed": 1})
+    assert not torch.equal(z, z_other)
 
 
 def test_distill_writes_a_few_step_model_that_loads_and_resumes(tiny_bundle, tmp_path):

@@ -337,7 +337,7 @@ def quantize(
 def prune(
     model: str = typer.Argument(..., help="Model directory or bundled name (shapes)."),
     out: Path = typer.Option(..., "--out", "-o", help="New model directory to write."),
-    ratio: float = typer.Option(0.3, "--ratio", help="Share of the denoiser's parameters to remove (0 < ratio < 1)."),
+    ratio: float = typer.Option(0.25, "--ratio", help="Share of the denoiser's parameters to remove (0 < ratio < 1)."),
     heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads each block keeps (default: all); "
                                         "MLP channels then go until the ratio is reached."),
     steps: int = typer.Option(400, "--steps", help="Recovery fine-tune steps (distilling the source model); 0: none."),

@@ -16,7 +16,12 @@ teacher's guidance folded into its samples as in InstaFlow, Liu et al. 2023).
    the targets, so the student samples with guidance 1: one denoiser pass a step instead of two.
 3. Decoder: with 1–4 denoiser passes, the autoencoder's decoder becomes most of a video's time. A
    `TinyDecoder` (diffusers' DecoderTiny, the TAESD design) learns to decode the autoencoder's latents of
-   shapes-world clips back to their frames, pixels weighted towards the object as the autoencoder was.
+   shapes-world clips back to their frames, and the student's own samples to the frames the autoencoder's
+   decoder makes of them, pixels weighted towards the object as the autoencoder was.
+
+The bundled `shapes-distilled` was made on a GPU by `scripts/gpu_compress.py`: reflow as above on 12k pairs,
+then distribution matching (DMD, Yin et al. 2024) with a second network, which reflow's regression alone could
+not replace: at 2 steps it blurs the small object's outline, and a blurred outline reads as another shape.
 
 Why reflow: progressive distillation needs log₂(20) rounds of training, each its own run; consistency
 distillation takes an ODE-solver step with the teacher (two guided passes) for every training sample, every
@@ -48,7 +53,7 @@ from torch import nn
 from ..data import shapes
 from ..errors import ConfigError
 from ..files import atomic_directory, write_atomic
-from .prune import DEFAULT_DATA, _lr, _read_jsonl, _rng, adherence_probe, derived_model, recovery_data
+from .prune import DEFAULT_DATA, _lr, _made_by, _read_jsonl, _rng, adherence_probe, derived_model, recovery_data
 
 FORMAT = "vidiffuse-distilled-v1"
 RECORD = "distill.json"  # in the distilled model's training/ folder
@@ -63,7 +68,7 @@ DEFAULT_RUN = {
     "log_every": 10,
     # the decoder: frames per batch, from scratch
     "decoder_steps": 2000, "decoder_batch": 64, "decoder_lr": 2e-3, "decoder_width": 32,
-    "decoder_foreground_weight": 8.0,
+    "decoder_foreground_weight": 8.0, "decoder_student_videos": 512,
 }
 
 
@@ -78,7 +83,7 @@ def check_run(run: dict) -> dict:
     for key in ("pairs", "batch_size", "decoder_batch", "decoder_width"):
         if int(run[key]) < 1:
             raise ConfigError(f"{key} must be at least 1, got {run[key]}")
-    for key in ("steps", "decoder_steps"):
+    for key in ("steps", "decoder_steps", "decoder_student_videos"):
         if int(run[key]) < 0:
             raise ConfigError(f"{key} must be 0 or more, got {run[key]}")
     if not 0 <= float(run["grid_share"]) <= 1:
@@ -274,7 +279,32 @@ def decoder_data(pipe, data_cfg: dict, cache: Path) -> tuple[torch.Tensor, torch
     return z, frames
 
 
-def train_decoder(pipe, data_cfg: dict, run: dict, work: Path, resume: bool, say) -> nn.Module:
+@torch.no_grad()
+def student_decoder_data(pipe, student: nn.Module, run: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, frames) as `decoder_data` returns them, of `decoder_student_videos` videos the student samples
+    for the plain captions the prompt reader writes, each latent frame paired with the autoencoder decoder's
+    frame of it: the tiny decoder then learns the latents it will be given, which sit a little off the
+    autoencoder's own (a decoder trained on encoded clips alone read 5 points fewer shapes from a student's
+    samples than the autoencoder did)."""
+    from ..video.io import frames_to_uint8
+
+    n, seed = int(run["decoder_student_videos"]), int(run["seed"])
+    captions = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, 0xDEC0])
+        captions.append(shapes.plain_caption(shapes.stated_attributes(shapes.sample_clip_spec(rng), rng)))
+    student_pipe = _with_defaults(pipe, student_defaults(run))
+    student_pipe.transformer, student_pipe.decoder = student.eval(), None
+    latents = student_pipe(captions, seed=pair_seeds(n, seed + 1), batch_size=16, output_type="latent")
+    frames = torch.cat([torch.from_numpy(frames_to_uint8(video)).permute(0, 3, 1, 2)
+                        for chunk in latents.split(16) for video in student_pipe.decode(chunk)])
+    return latents.transpose(1, 2).flatten(0, 1), frames
+
+
+def train_decoder(pipe, data_cfg: dict, run: dict, work: Path, resume: bool, say,
+                  extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """A TinyDecoder trained from scratch on the frames of `data_cfg`'s clips and their latents, and on `extra`
+    (`student_decoder_data`) when given; scored on the last clips' frames."""
     from ..models.tiny_decoder import TinyDecoder
 
     z_scaled, frames = decoder_data(pipe, data_cfg, work / "cache")
@@ -288,10 +318,14 @@ def train_decoder(pipe, data_cfg: dict, run: dict, work: Path, resume: bool, say
     held_clips = min(32, max(1, clips // 8))  # the last clips' frames: scored, never trained on
     held_out = torch.arange(len(frames) - held_clips * pipe.frames, len(frames))
 
+    train_z, train_frames = z_scaled[: len(frames) - len(held_out)], frames[: len(frames) - len(held_out)]
+    if extra is not None:
+        train_z, train_frames = torch.cat([train_z, extra[0].to(train_z.dtype)]), torch.cat([train_frames, extra[1]])
+
     def loss(model: nn.Module, step: int) -> torch.Tensor:
-        idx = torch.randint(len(frames) - len(held_out), (batch,), generator=_rng(seed, step, 3))
-        x = frames[idx].float().div(127.5).sub(1)
-        err = model.decode(z_scaled[idx].float() / scale).sample - x
+        idx = torch.randint(len(train_frames), (batch,), generator=_rng(seed, step, 3))
+        x = train_frames[idx].float().div(127.5).sub(1)
+        err = model.decode(train_z[idx].float() / scale).sample - x
         # the object is a few % of the pixels: weight where a frame differs from its border colour
         border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 0], x[..., -1]], dim=-1).median(dim=-1).values
         weight = 1 + fg_weight * ((x - border[..., None, None]).abs().amax(dim=1, keepdim=True) > 0.1).float()
@@ -342,7 +376,8 @@ def distill_model(model: str | os.PathLike | None, out: str | os.PathLike, run: 
     with _timed(work, "student"):
         student = distill_student(pipe, pairs, run, work, resume, say)
     with _timed(work, "decoder"):
-        decoder = train_decoder(pipe, data_cfg, run, work, resume, say)
+        extra = student_decoder_data(pipe, student, run) if int(run["decoder_student_videos"]) else None
+        decoder = train_decoder(pipe, data_cfg, run, work, resume, say, extra)
     teacher_version = pipe.version
     record = {"format": FORMAT, "method": "guided rectified-flow distillation (reflow) + TinyDecoder",
               "teacher": {"name": pipe.name, "version": teacher_version,
@@ -420,17 +455,22 @@ def model_card(index: dict, record: dict) -> str:
     untrained = record.get("untrained_student_eval") or {}
     dec = record.get("decoder_last_eval") or {}
     fmt = lambda d: ", ".join(f"{k.removeprefix('acc_')} {v:.2f}" for k, v in d.items()) or "not measured"  # noqa: E731
+    recipe = record.get("recipe")
+    stages = (", then ".join(f"{stage} {n} steps" for stage, n in recipe["steps"].items()) if recipe
+              else f"{run['steps']} steps × batch {run['batch_size']}")
     return "\n".join([
         f"# {index['name']} — a few-step student of {t['name']} ({t['version']})",
         "",
-        f"Made by `vidiffuse distill` (`compress/distill.py`). The teacher samples with {t['sampler']} in {t['steps']} "
+        f"Made by {_made_by(record, 'vidiffuse distill', 'compress/distill.py')}. The teacher samples with {t['sampler']} in {t['steps']} "
         f"steps at guidance {t['guidance']} ({2 * t['steps']} denoiser passes a video); this model samples with Euler in "
         f"{s['steps']} step(s) at guidance 1 ({s['steps']} pass(es)), and decodes with its own `decoder/` "
         "(a TinyDecoder) instead of the autoencoder's decoder. `vae/` is the teacher's, for encoding.",
         "",
-        f"- Student: guided rectified-flow distillation on {run['pairs']} teacher samples (pairs of noise and "
-        f"latent video), {run['steps']} steps × batch {run['batch_size']}, initialised from the teacher.",
-        f"- Decoder: {run['decoder_steps']} steps × {run['decoder_batch']} frames of shapes-world clips, from scratch; "
+        f"- Student: {record['method']}, initialised from the teacher, on {run['pairs']} teacher samples (pairs of "
+        f"noise and latent video); {stages}.",
+        f"- Decoder: {run['decoder_steps']} steps × {run['decoder_batch']} frames of shapes-world clips"
+        + (f" and of {run['decoder_student_videos']} of the student's samples as the autoencoder decodes them"
+           if run.get("decoder_student_videos") else "") + ", from scratch; "
         f"held-out PSNR {dec.get('psnr', float('nan')):.1f} dB (the autoencoder's decoder: "
         f"{dec.get('psnr_autoencoder', float('nan')):.1f} dB).",
         f"- Watch-set adherence ({run['eval_prompts']} training-style prompts, the student's settings): the teacher's "

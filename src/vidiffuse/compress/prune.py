@@ -1,6 +1,6 @@
 """Structured pruning of VideoDiT: whole attention heads and MLP channels, then a short recovery fine-tune.
 
-    vidiffuse prune shapes --out my-pruned --ratio 0.3 --heads 3
+    vidiffuse prune shapes --out my-pruned --ratio 0.25 --heads 3
 
 The same number of heads and MLP channels go from every block, so the pruned denoiser is still a plain
 `VideoDiT` whose config says its size (`num_heads` with `attention_head_dim` fixed, `mlp_hidden_size`):
@@ -458,9 +458,10 @@ def model_card_note(index: dict, record: dict) -> str:
         f"# {index['name']} — structurally pruned from {index['pruned_from']['name']} "
         f"({index['pruned_from']['version']})",
         "",
-        f"Made by `vidiffuse prune` (`compress/prune.py`): every DiT block keeps {record['heads']} attention heads "
+        f"Made by {_made_by(record, 'vidiffuse prune', 'compress/prune.py')}: every DiT block keeps {record['heads']} attention heads "
         f"(self- and cross-attention, head size unchanged) and {record['mlp_hidden_size']} MLP channels, chosen by "
-        f"their output energy on {record['calibration']['samples']} noised training latents; "
+        f"their output energy on {record['calibration']['samples']} noised "
+        f"{'teacher samples' if record.get('recipe') else 'training latents'}; "
         f"{p['before']:,} → {p['after']:,} denoiser parameters ({p['removed_share']:.1%} fewer). "
         f"Then {r['steps_done']} recovery steps × batch {r['batch_size']} distilling the source model's velocity "
         f"(EMA {r['ema_decay']}).",
@@ -469,9 +470,18 @@ def model_card_note(index: dict, record: dict) -> str:
         "and limitations apply unchanged. Still a plain `VideoDiT`: `vidiffuse generate --model <this folder>`.",
         "",
         f"- Adherence on the recovery watch set ({r.get('eval_prompts', '?')} prompts) at the last step: {watch}.",
-        "- `training/prune.json`: what was kept and why; `training/recovery_metrics.jsonl`: the recovery run.",
+        "- `training/prune.json`: what was kept and why; "
+        f"`training/{'gpu_compress_log.jsonl' if record.get('recipe') else RECOVERY_LOG}`: the recovery run.",
         "",
     ])
+
+
+def _made_by(record: dict, command: str, module: str) -> str:
+    """Who made a derived model: the command, or the recipe that ran its methods elsewhere (a GPU script)."""
+    recipe = record.get("recipe")
+    if recipe:
+        return f"`{recipe['script']}` on one {recipe['device']}, with the methods of `{command}` (`{module}`)"
+    return f"`{command}` (`{module}`)"
 
 
 BUNDLED_PRUNED = "shapes-pruned"
@@ -516,7 +526,7 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def prune_model(model: str | os.PathLike | None, out: str | os.PathLike, ratio: float = 0.3, heads: int | None = None,
+def prune_model(model: str | os.PathLike | None, out: str | os.PathLike, ratio: float = 0.25, heads: int | None = None,
                 recovery: dict | None = None, data: dict | None = None, work_dir: str | os.PathLike | None = None,
                 resume: bool = False, time_limit_s: float | None = None,
                 progress: Callable[[str], None] | None = None) -> dict:

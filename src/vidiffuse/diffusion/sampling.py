@@ -59,10 +59,10 @@ def sample(
         both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
     for i, t in enumerate(scheduler.timesteps):
         if use_cfg:
-            v_uncond, v_cond = model(torch.cat([x, x]), t.expand(2 * x.shape[0]).to(x.dtype), **both).sample.float().chunk(2)
+            v_uncond, v_cond = model(torch.cat([x, x]), t.expand(2 * x.shape[0]).to(x.device, x.dtype), **both).sample.float().chunk(2)
             v = v_uncond + guidance * (v_cond - v_uncond)
         else:
-            v = model(x, t.expand(x.shape[0]).to(x.dtype), **cond).sample.float()
+            v = model(x, t.expand(x.shape[0]).to(x.device, x.dtype), **cond).sample.float()
         x = hold_first_frame(scheduler.step(v, t, x).prev_sample, first_frame, first_given)
         if callback is not None:
             callback(i + 1, steps)
