@@ -284,8 +284,8 @@ def student_decoder_data(pipe, student: nn.Module, run: dict) -> tuple[torch.Ten
     """(latents, frames) as `decoder_data` returns them, of `decoder_student_videos` videos the student samples
     for the plain captions the prompt reader writes, each latent frame paired with the autoencoder decoder's
     frame of it: the tiny decoder then learns the latents it will be given, which sit a little off the
-    autoencoder's own (a decoder trained on encoded clips alone read 5 points fewer shapes from a student's
-    samples than the autoencoder did)."""
+    autoencoder's own (a decoder trained on encoded clips alone read 5 points fewer shapes from the CPU-made
+    student's samples than the autoencoder's decoder did)."""
     from ..video.io import frames_to_uint8
 
     n, seed = int(run["decoder_student_videos"]), int(run["seed"])
