@@ -18,7 +18,7 @@ linear shapes (4096 tokens = CFG 2 x 16 videos x 128 tokens, hidden 256, MLP 102
 linear ran in 17 ms against fp32's 38 ms, while torchao 0.18's eager ``Int8DynamicActivationInt8WeightConfig``
 took 820 ms (its int8 matmul, ``torch._int_mm``, has no fast CPU kernel: 770 ms for the same product) and
 ``Int8WeightOnlyConfig`` 64 ms. torch marks its quantized-tensor API deprecated; it is used at one point
-only (`_pack`, which builds fbgemm's packed weight from the plain int8 buffers), and the modules and files
+only (`_pack`, which builds the engine's packed weight from the plain int8 buffers), and the modules and files
 hold plain int8 tensors and float scales, so a later kernel can use them unchanged.
 
 A quantized model directory is a copy of its source with ``transformer/quantized.safetensors`` in place of
@@ -108,7 +108,7 @@ _packed_cache: dict[int, tuple] = {}
 
 
 def _packed_for(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-    """fbgemm's packed form of a layer's int8 buffers, made once and kept while the weight tensor lives.
+    """The engine's packed form of a layer's int8 buffers, made once and kept while the weight tensor lives.
 
     Keyed by the tensor's identity and the buffers' version counters, so an in-place load repacks.
     """
