@@ -61,6 +61,9 @@ class Pairs:
         self.n = n
         self.noise = self.x0 = None
 
+    def uncond(self, idx: torch.Tensor) -> dict:
+        return self.cond(idx, torch.ones_like(idx, dtype=torch.bool))
+
     def cond(self, idx: torch.Tensor, drop: torch.Tensor | None = None) -> dict:
         p = self.prompt[idx]
         if drop is not None:
@@ -93,7 +96,7 @@ def teacher_pairs(teacher, pairs: Pairs, batch: int, seed: int, dev: torch.devic
     for s in range(0, pairs.n, batch):
         idx = torch.arange(s, min(pairs.n, s + batch), device=dev)
         with autocast(dev):
-            pairs.x0[idx] = sample(teacher, pairs.noise[idx], pairs.cond(idx), pairs.cond(idx, torch.ones_like(idx, dtype=torch.bool)),
+            pairs.x0[idx] = sample(teacher, pairs.noise[idx], pairs.cond(idx), pairs.uncond(idx),
                                    make_scheduler("unipc", 1.0), 20, 4.0).to(torch.bfloat16)
 
 
@@ -103,7 +106,7 @@ def sample_error(model, pairs: Pairs, held: torch.Tensor, dev: torch.device, ste
     """Latent MSE between `model`'s samples at these settings and the teacher's, on the held-out pairs."""
     total = 0.0
     for chunk in held.split(256):
-        uncond = pairs.cond(chunk, torch.ones_like(chunk, dtype=torch.bool)) if guidance != 1 else None
+        uncond = pairs.uncond(chunk) if guidance != 1 else None
         with autocast(dev):
             x = sample(model, pairs.noise[chunk], pairs.cond(chunk), uncond, make_scheduler(sampler, 1.0), steps, guidance)
         total += float((x.float() - pairs.x0[chunk].float()).pow(2).sum())
@@ -168,7 +171,7 @@ def distribution_matching(student, teacher, pairs: Pairs, held, draw, gen, args,
 
     def loss_fn(model, step):
         idx = draw(B)
-        cond, uncond = pairs.cond(idx), pairs.cond(idx, torch.ones_like(idx, dtype=torch.bool))
+        cond, uncond = pairs.cond(idx), pairs.uncond(idx)
         x_hat = euler_steps(model, pairs.noise[idx], cond, STUDENT_STEPS)
         sample = x_hat.detach()
         t = per_sample(0.02 + 0.96 * torch.rand(B, device=dev, generator=gen))
@@ -303,17 +306,17 @@ def run_device(args) -> None:
     log(phase="pruned", done_steps=steps, batch=B, shape=[shape.heads, shape.mlp_hidden_size])
 
 
-def _device_run(folder: Path) -> tuple[list[dict], dict]:
-    """The events of a device run's log, and what its record says of it (script, device, settings, held-out MSE)."""
+def _device_run(folder: Path) -> dict:
+    """What a model's record says of the device run in `folder` (script, device, settings, step counts, held-out MSE)."""
     events = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     curves = {}
     for e in events:
         if "sample_mse" in e:
             curves.setdefault(e["phase"], []).append([e["step"], e["sample_mse"]])
-    return events, {"script": "scripts/gpu_compress.py", "device": events[0]["device"], "torch": events[0]["torch"],
-                    "args": events[0]["args"], "held_out_sample_mse": curves,
-                    "steps": {e["phase"]: e["done_steps"] for e in events if "done_steps" in e},
-                    "seconds": {e["phase"]: e["seconds"] for e in events if "seconds" in e}}
+    return {"script": "scripts/gpu_compress.py", "device": events[0]["device"], "torch": events[0]["torch"],
+            "args": events[0]["args"], "held_out_sample_mse": curves,
+            "steps": {e["phase"]: e["done_steps"] for e in events if "done_steps" in e},
+            "seconds": {e["phase"]: e["seconds"] for e in events if "seconds" in e}}
 
 
 def assemble_distilled(folder: Path, out: Path, decoder_steps: int) -> None:
@@ -322,7 +325,7 @@ def assemble_distilled(folder: Path, out: Path, decoder_steps: int) -> None:
     from vidiffuse.compress import distill, prune
     from vidiffuse.pipeline import VideoPipeline
 
-    events, recipe = _device_run(folder)
+    recipe = _device_run(folder)
     args = recipe["args"]
     pipe = VideoPipeline.from_pretrained(TEACHER)
     last = "dmd" if (folder / "dmd.json").is_file() else "student"
@@ -355,7 +358,7 @@ def assemble_pruned(folder: Path, out: Path) -> None:
     from vidiffuse.compress import prune
     from vidiffuse.pipeline import VideoPipeline
 
-    events, recipe = _device_run(folder)
+    recipe = _device_run(folder)
     args = recipe["args"]
     pipe = VideoPipeline.from_pretrained(TEACHER)
     shape = json.loads((folder / "prune.json").read_text())
@@ -379,15 +382,11 @@ def assemble_pruned(folder: Path, out: Path) -> None:
 def prompt_table(path: Path, pairs: int, held_out: int, seed: int) -> None:
     """The text encoder's embeddings of every caption the pairs use (index 0: the empty prompt, for guidance),
     cut to the longest caption's tokens (the denoiser masks the rest), and each pair's caption index."""
-    import numpy as np
-
-    from vidiffuse.data import shapes
+    from vidiffuse.compress.distill import plain_captions
     from vidiffuse.pipeline import VideoPipeline
 
     captions, index, pair_caption = [""], {"": 0}, []
-    for i in range(pairs + held_out):
-        rng = np.random.default_rng([seed, i, 0xD157])
-        caption = shapes.plain_caption(shapes.stated_attributes(shapes.sample_clip_spec(rng), rng))
+    for caption in plain_captions(pairs + held_out, seed, 0xD157):
         pair_caption.append(index.setdefault(caption, len(captions)))
         if pair_caption[-1] == len(captions):
             captions.append(caption)

@@ -104,6 +104,16 @@ def pair_prompts(n: int, seed: int) -> list[str]:
     return prompts
 
 
+def plain_captions(n: int, seed: int, stream: int) -> list[str]:
+    """What the prompt reader writes for the denoiser (`shapes.plain_caption`, each attribute left unsaid as
+    often as in training) for `n` random clips of the world."""
+    captions = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, stream])
+        captions.append(shapes.plain_caption(shapes.stated_attributes(shapes.sample_clip_spec(rng), rng)))
+    return captions
+
+
 def pair_seeds(n: int, seed: int) -> list[int]:
     """The noise seed of each pair; far from the seeds the golden set and benchmarks use."""
     return [10_000_000 * (seed + 1) + i for i in range(n)]
@@ -289,10 +299,7 @@ def student_decoder_data(pipe, student: nn.Module, run: dict) -> tuple[torch.Ten
     from ..video.io import frames_to_uint8
 
     n, seed = int(run["decoder_student_videos"]), int(run["seed"])
-    captions = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i, 0xDEC0])
-        captions.append(shapes.plain_caption(shapes.stated_attributes(shapes.sample_clip_spec(rng), rng)))
+    captions = plain_captions(n, seed, 0xDEC0)
     student_pipe = _with_defaults(pipe, student_defaults(run))
     student_pipe.transformer, student_pipe.decoder = student.eval(), None
     latents = student_pipe(captions, seed=pair_seeds(n, seed + 1), batch_size=16, output_type="latent")
