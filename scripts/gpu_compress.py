@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vidiffuse.compress.distill import student_grid
+from vidiffuse.compress.distill import distribution_matching_loss, student_grid
 from vidiffuse.compress.prune import _lr, _top, importance_scores, parameter_count, plan_shape, prune_transformer
 from vidiffuse.diffusion.flow import interpolate
 from vidiffuse.diffusion.sampling import make_scheduler, sample
@@ -149,59 +149,25 @@ def train(model, loss_fn, seconds: float, lr: float, evaluate, log: Log, name: s
     return ema, step
 
 
-def euler_steps(model, z: torch.Tensor, cond: dict, steps: int) -> torch.Tensor:
-    """The student's sampler, differentiable: `steps` Euler steps from t = 1 on `student_grid`."""
-    grid = student_grid(steps).tolist() + [0.0]
-    x = z
-    for t, t_next in zip(grid[:-1], grid[1:]):
-        x = x + (t_next - t) * model(x, torch.full((len(z),), t * 1000, device=z.device), **cond).sample.float()
-    return x
-
-
 def distribution_matching(student, teacher, pairs: Pairs, held, draw, gen, args, log: Log, dev):
-    """DMD (Yin et al. 2024): the student's samples x̂ move along the difference between a "fake" velocity model,
-    trained online on x̂, and the guided teacher, at x̂ noised to a random t; plus a regression on the pairs
-    (weight `--dmd-regression`) that keeps every mode the teacher samples."""
-    B = args.dmd_batch
+    """`distribution_matching_loss` (DMD, as `compress/distill.py` explains) against the teacher at guidance 4,
+    with the fake velocity model starting as the teacher."""
     fake = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_opt = torch.optim.AdamW(fake.parameters(), lr=args.fake_lr, betas=(0.9, 0.99), weight_decay=0.0)
 
-    def per_sample(x):
-        return x.view(-1, *([1] * 4))
-
     def loss_fn(model, step):
-        idx = draw(B)
-        cond, uncond = pairs.cond(idx), pairs.uncond(idx)
-        x_hat = euler_steps(model, pairs.noise[idx], cond, STUDENT_STEPS)
-        sample = x_hat.detach()
-        t = per_sample(0.02 + 0.96 * torch.rand(B, device=dev, generator=gen))
-        x_t = interpolate(sample, torch.randn(sample.shape, device=dev, generator=gen), t.flatten())
-        with torch.no_grad():
-            both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-            v_u, v_c = teacher(torch.cat([x_t, x_t]), t.flatten().repeat(2) * 1000, **both).sample.float().chunk(2)
-            real = x_t - t * (v_u + 4.0 * (v_c - v_u))  # x₀ as the guided teacher sees it
-            fake_x0 = x_t - t * fake(x_t, t.flatten() * 1000, **cond).sample.float()
-            weight = (sample - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-3)
-            grad = torch.nan_to_num((fake_x0 - real) / weight)
-        dmd = 0.5 * (x_hat - (sample - grad)).pow(2).mean()
-        regression = (x_hat - pairs.x0[idx].float()).pow(2).mean()
-        # the fake model follows the student's current samples: flow matching on them
-        t2 = torch.sigmoid(torch.randn(B, device=dev, generator=gen))
-        noise = torch.randn(sample.shape, device=dev, generator=gen)
-        fake_loss = (fake(interpolate(sample, noise, t2), t2 * 1000, **cond).sample.float() - (noise - sample)).pow(2).mean()
-        fake_loss.backward()
-        torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)
-        fake_opt.step()
-        fake_opt.zero_grad(set_to_none=True)
+        idx = draw(args.dmd_batch)
+        loss, parts = distribution_matching_loss(model, teacher, fake, fake_opt, pairs.noise[idx], pairs.cond(idx),
+                                                 pairs.uncond(idx), pairs.x0[idx], STUDENT_STEPS, 4.0,
+                                                 args.dmd_regression, gen)
         if step % 100 == 0:
-            log(phase="dmd", step=step, dmd=float(dmd.detach()), regression=float(regression.detach()),
-                fake=float(fake_loss.detach()))
-        return dmd + args.dmd_regression * regression
+            log(phase="dmd", step=step, **parts)
+        return loss
 
     student, steps = train(student, loss_fn, args.dmd_seconds, args.dmd_lr,
                            lambda m: {"sample_mse": sample_error(m, pairs, held, dev, STUDENT_STEPS, 1.0, "euler")},
                            log, "dmd", dev, ema_decay=0.995)
-    log(phase="dmd", done_steps=steps, batch=B)
+    log(phase="dmd", done_steps=steps, batch=args.dmd_batch)
     return student
 
 

@@ -123,6 +123,9 @@ def test_bench_writes_json_table_and_plot(tiny_bundle, tmp_path, monkeypatch):
     assert rows["diffusers"]["speedup_vs_diffusers"] == 1.0
     assert rows["fp32"]["pixel_mae_vs_diffusers"] < 0.01  # the same video as the plain loop
     assert rows["fp32"]["adherence_change_vs_fp32_pts"] == 0.0
+    assert rows["fp32"]["attribute_change_vs_fp32_pts"]["shape"] == {"change": 0.0, "ci95": [0.0, 0.0]}
+    lo, hi = rows["cache"]["adherence_change_vs_fp32_ci95"]
+    assert lo <= rows["cache"]["adherence_change_vs_fp32_pts"] <= hi
     assert rows["fp32"]["weights_mb"] == pytest.approx(rows["diffusers"]["weights_mb"], rel=0.01)
     cache = rows["cache"]["details"]
     assert cache["threshold"] == bench.DEFAULT_CACHE_THRESHOLD
@@ -140,6 +143,38 @@ def test_bench_writes_json_table_and_plot(tiny_bundle, tmp_path, monkeypatch):
 
     image = matplotlib.image.imread(out / "bench.png")
     assert image.ndim == 3 and image.shape[1] > image.shape[0] > 200
+
+
+def test_seed_offset_runs_the_same_prompts_on_other_seeds(tiny_bundle, tmp_path, monkeypatch):
+    from vidiffuse.evaluate.suite import load_golden
+
+    seen = []
+    call = VideoPipeline.__call__
+
+    def spy(self, prompt, seed=0, **kwargs):
+        seen.append((list(prompt), list(seed)))
+        return call(self, prompt, seed=seed, **kwargs)
+
+    monkeypatch.setattr(VideoPipeline, "__call__", spy)
+    report = bench.run_bench(tiny_bundle, "fp32", n_prompts=2, steps=2, batch_size=2, repeats=1, out_dir=tmp_path,
+                             progress=False, seed_offset=1000)
+    golden = load_golden(n=2)
+    assert seen and all(c == ([i.prompt for i in golden], [i.seed + 1000 for i in golden]) for c in seen)
+    assert report["settings"]["seed_offset"] == 1000
+    assert "2 golden prompts (shapes_v1, seeds + 1000)" in (tmp_path / "bench.md").read_text()
+
+
+def test_paired_change_counts_videos_lost_and_won_against_the_baseline():
+    base = np.ones(256)
+    mine = base.copy()
+    mine[:19] = 0  # 19 readings lost ...
+    base[19:33] = 0  # ... and 14 won, of 256
+    change = bench.paired_change(mine, base)
+    assert change["change"] == pytest.approx(100 * (14 - 19) / 256)
+    d = np.r_[np.full(19, -100.0), np.full(14, 100.0), np.zeros(223)]
+    half = 1.96 * d.std(ddof=1) / 16
+    assert change["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert change["ci95"][0] < -3 < change["change"]  # a 3-point threshold sits inside this interval
 
 
 def test_reference_loop_reads_the_prompts_the_denoiser_reads(tiny_bundle_with_reader, tmp_path):

@@ -1,10 +1,11 @@
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, tiny_transformer
 from vidiffuse.compress import distill
 from vidiffuse.diffusion.sampling import make_scheduler, sample
 from vidiffuse.errors import ConfigError
@@ -47,6 +48,51 @@ def test_reflow_batch_lies_on_the_line_between_noise_and_the_teachers_sample():
     # x_t = x0 + t * (z - x0) for the pair each row drew: recover x0 from the target and check it is a real pair
     x0 = x_t - t.view(-1, 1, 1, 1, 1) * target
     assert all(any(torch.allclose(row, p, atol=1e-5) for p in pairs["x0"]) for row in x0)
+
+
+def _text(batch: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"encoder_hidden_states": torch.randn(batch, 5, 384, generator=g),
+            "encoder_attention_mask": torch.ones(batch, 5, dtype=torch.long), "pooled_projections": torch.randn(batch, 384, generator=g)}
+
+
+def test_distribution_matching_is_zero_where_the_fake_model_agrees_with_the_teacher_and_trains_the_fake():
+    torch.manual_seed(0)
+    teacher = tiny_transformer().eval().requires_grad_(False)
+    student, fake = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True)
+    fake_before = [p.detach().clone() for p in fake.parameters()]
+    z = torch.randn(2, teacher.config.in_channels, 4, 8, 8)
+    x0 = torch.randn_like(z)
+    optimizer = torch.optim.SGD(fake.parameters(), lr=0.1)
+    loss, parts = distill.distribution_matching_loss(student, teacher, fake, optimizer, z, _text(2, 1), _text(2, 2), x0,
+                                                     steps=2, guidance=1.0, regression=0.25,
+                                                     gen=torch.Generator().manual_seed(3))
+    # at guidance 1 the teacher's x₀ is its conditional one, which the fake (a copy) also predicts: no pull
+    assert parts["dmd"] < 1e-8 and parts["fake"] > 0
+    x_hat = distill.euler_steps(teacher, z, _text(2, 1), 2)
+    assert parts["regression"] == pytest.approx(float((x_hat - x0).pow(2).mean()), rel=1e-4)
+    assert float(loss) == pytest.approx(parts["dmd"] + 0.25 * parts["regression"], rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(fake_before, fake.parameters()))  # one step on x̂
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in teacher.parameters())
+
+    # with guidance the teacher's x₀ moves away from the fake's, and the pull is no longer zero
+    _, guided = distill.distribution_matching_loss(student, teacher, copy.deepcopy(teacher).requires_grad_(True),
+                                                   torch.optim.SGD(fake.parameters(), lr=0.0), z, _text(2, 1),
+                                                   _text(2, 2), x0, steps=2, guidance=4.0, regression=0.25,
+                                                   gen=torch.Generator().manual_seed(3))
+    assert guided["dmd"] > 1e-6
+
+
+def test_pairs_carry_what_the_denoiser_read_when_the_model_rewrites_prompts(tiny_bundle_with_reader, tmp_path):
+    pipe = VideoPipeline.from_pretrained(tiny_bundle_with_reader)
+    prompts = distill.pair_prompts(3, 0)
+    read = pipe.denoiser_prompts(prompts)
+    assert read != prompts  # the reader rewrote them
+    pairs = distill.teacher_pairs(pipe, 3, 0, tmp_path, print)
+    # the student is trained on the embeddings the teacher sampled from, as the pipeline will feed it
+    assert torch.equal(pairs["tokens"], pipe.text_encoder.encode(read).tokens.to(torch.bfloat16))
 
 
 def test_latent_output_is_what_the_video_is_decoded_from(tiny_bundle):

@@ -76,11 +76,29 @@ def test_int8_replaces_linear_layers_but_keeps_the_output_projection_float(fp32_
     kinds = {n: type(quantized.get_submodule(n)) for n in linears}
     assert kinds.pop("proj_out") is torch.nn.Linear
     assert set(kinds.values()) == {Int8DynamicLinear}
+    # the MLP's GELU moved into its first layer; the state dict (below) does not see it
+    mlp = quantized.blocks[0].mlp
+    assert mlp[0].gelu == fp32_model.blocks[0].mlp[1].approximate and type(mlp[1]) is torch.nn.Identity
     state = quantized_state_dict(quantized)
     assert state["blocks.0.mlp.0.weight_int8"].dtype == torch.int8
     assert state["blocks.0.mlp.0.weight_scale"].dtype == torch.float32
     assert "blocks.0.mlp.0.weight" not in state
     assert weights_bytes(quantized) < weights_bytes(fp32_model) / 3
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_int8_layer_with_the_gelu_moved_in_computes_the_gelu_of_its_product(approximate):
+    torch.manual_seed(0)
+    x = torch.randn(3, 70, 64)
+    q, scale = int8_weight(torch.randn(96, 64) * 0.1)
+    layer = Int8DynamicLinear(q, scale, torch.randn(96) * 0.1)
+    product = layer(x)
+    layer.gelu = approximate
+    fused = layer(x)
+    assert fused.shape == (3, 70, 96)
+    torch.testing.assert_close(fused, torch.nn.functional.gelu(product, approximate=approximate), atol=2e-5, rtol=1e-4)
+    dequantized = torch.nn.functional.linear(x, q.float() * scale[:, None], layer.bias)
+    assert relative_error(product, dequantized) < 0.02  # only the activations' 8-bit rounding apart
 
 
 def test_quantizing_twice_or_with_an_unknown_mode_is_refused(fp32_model):

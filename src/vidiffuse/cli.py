@@ -300,9 +300,10 @@ def _print_metrics(report: dict, baseline: dict | None) -> None:
 def bench(
     model: str = typer.Option("shapes", "--model", "-m", help="Model directory or bundled name."),
     variants: Optional[str] = typer.Option(None, "--variants",
-                                           help="Comma-separated: fp32, bf16, int8[:weight-only], compile, cache[:THRESHOLD], or "
-                                                "several joined by '+' (int8+cache). Default: fp32,bf16,int8,cache,"
-                                                "compile,int8+cache. The plain diffusers loop always runs as the yardstick."),
+                                           help="Comma-separated: fp32, bf16, int8[:weight-only], compile, cache[:THRESHOLD], pruned[:DIR], "
+                                                "distilled[:DIR], or several joined by '+' (int8+cache). Default: fp32,bf16,"
+                                                "int8,cache,compile,int8+cache,int8+compile,pruned,distilled,distilled+int8. "
+                                                "The plain diffusers loop always runs as the yardstick."),
     n: int = typer.Option(32, "--n", help="Golden prompts (the same prompts and seeds for every variant)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (model default if unset)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
@@ -310,12 +311,13 @@ def bench(
     batch_size: int = typer.Option(8, "--batch-size", help="Videos per timed batch."),
     repeats: int = typer.Option(2, "--repeats", help="Timed passes over all prompts, after an untimed warm-up."),
     out: Path = typer.Option(Path("bench"), "--out", help="Folder for bench.json, bench.md and bench.png."),
+    seed_offset: int = typer.Option(0, "--seed-offset", help="Add this to every golden prompt's seed: the same prompts on other noise."),
 ):
     """Time and score every speed-up variant side by side with a plain diffusers loop on the same weights."""
     from .compress.bench import format_summary, run_bench
 
     report = run_bench(model, variants, n_prompts=n, steps=steps, guidance=guidance, sampler=sampler,
-                       batch_size=batch_size, out_dir=out, repeats=repeats)
+                       batch_size=batch_size, out_dir=out, repeats=repeats, seed_offset=seed_offset)
     typer.echo(format_summary(report))
     err.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
 
