@@ -12,11 +12,12 @@ unavailable with the reason; one that raises is reported as failed, and the othe
 Measurement, per variant:
 - speed: every batch is one timed `pipe(...)` call, prompt to uint8 frames; untimed warm-up first, one
   batch of each batch size (it absorbs compilation and first-call allocation); then `repeats` passes over
-  all prompts, interleaved across variants (pass 1 of every variant, then pass 2, ...) so that drift in a
-  shared machine's load hits all variants alike. Reported: the median seconds per video over the timed
+  all prompts, interleaved batch by batch (batch 1 of every variant, then batch 2, ...) so that drift in a
+  shared machine's speed hits all variants alike: timed pass after pass, the same code measured int8 at
+  1.64x and 1.35x fp32 on two runs of one day. Reported: the median seconds per video over the timed
   batches, and the speed-up against the reference loop and against the fp32 variant.
-- peak memory: `PeakMemory` over each pass (resident memory above the level at the pass's start; the
-  weights, loaded before, are not in it), the largest pass.
+- peak memory: `PeakMemory` around each batch's generation (resident memory above the level at its start;
+  the weights, loaded before, and the videos already made are not in it), the largest batch.
 - weights: the bytes of `torch.save` of the denoiser's and the autoencoder's state dicts, in memory,
   which counts quantized and packed weights at their real size (the text encoder is shared, left out).
 - quality: analyzer adherence per attribute and shapes-encoder FVD against real clips of the same
@@ -473,9 +474,19 @@ def run_bench(model: str | os.PathLike | None = "shapes", variants: str | Sequen
         for result in running:
             _warm_up(result, warmups, tick)
         for rep in range(repeats):
+            frames = {id(r): [] for r in running}
+            for result in running:
+                if isinstance(result.runner, _PipelineRunner):
+                    result.runner.collect = rep == 0  # per-generation details (cache hits) from one pass, like the quality
+            # batch by batch, every variant in turn: a shared VM's speed drifts over minutes, and this way a
+            # drift lands on every variant alike, not on whichever variant's pass it falls in
+            for prompts, seeds in batches:
+                for result in running:
+                    if result.runner is not None:
+                        _timed_batch(result, prompts, seeds, frames[id(result)], rep, tick)
             for result in running:
                 if result.runner is not None:
-                    _timed_pass(result, batches, rep, tick)
+                    _end_pass(result, frames[id(result)])
 
     report = _report(results, items, settings, batch_size, repeats, golden, model_label)
     report["settings"]["seed_offset"] = seed_offset
@@ -497,25 +508,24 @@ def _warm_up(result: _Result, batches, tick) -> None:
     result.warmup_s = time.perf_counter() - start
 
 
-def _timed_pass(result: _Result, batches, rep: int, tick) -> None:
-    runner = result.runner
-    if isinstance(runner, _PipelineRunner):
-        runner.collect = rep == 0  # per-generation details (cache hits) from one pass, like the quality
-    frames = []
+def _timed_batch(result: _Result, prompts, seeds, frames: list, rep: int, tick) -> None:
     _release_memory()
     try:
         with PeakMemory() as memory:
-            for prompts, seeds in batches:
-                start = time.perf_counter()
-                frames += runner.generate(prompts, seeds)
-                result.batch_seconds_per_video.append((time.perf_counter() - start) / len(prompts))
-                tick(f"{result.plan.name} (pass {rep + 1})")
+            start = time.perf_counter()
+            frames += result.runner.generate(prompts, seeds)
+            seconds = time.perf_counter() - start
     except Exception as e:  # noqa: BLE001
         if result.plan.name == REFERENCE:
             raise
         result.fail(f"generating (pass {rep + 1})", e)
         return
+    result.batch_seconds_per_video.append(seconds / len(prompts))
     result.peak_memory_mb = max(result.peak_memory_mb, memory.peak_mb)
+    tick(f"{result.plan.name} (pass {rep + 1})")
+
+
+def _end_pass(result: _Result, frames: list[np.ndarray]) -> None:
     if result.frames is None:
         result.frames = frames
     else:
