@@ -93,7 +93,8 @@ def int8_engine() -> str:
     bf16 has them), fbgemm's x86 path elsewhere. Measured on a 2-core AMX Xeon for 4096 x 256 -> 1024:
     oneDNN 2.4 ms, fbgemm 4.2 ms, fp32 9.1 ms. The whole denoiser gains less, since its linear layers are a
     third of an int8 forward (batch 16: 245 ms int8 against 288 ms fp32); with the MLPs' GELU inside oneDNN's
-    matmul, 167 ms against 323 ms (median of 15 interleaved calls each, the same VM on a busier day)."""
+    matmul, 167 ms against 323 ms (median of 15 interleaved calls each, the same VM on a busier day). Whole
+    videos, decoding included, gain 1.37x (`vidiffuse bench`, all golden prompts)."""
     return "onednn" if native_bf16() and "onednn" in torch.backends.quantized.supported_engines else "x86"
 
 
