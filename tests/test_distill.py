@@ -78,9 +78,9 @@ def test_distribution_matching_is_zero_where_the_fake_model_agrees_with_the_teac
     assert all(p.grad is None for p in teacher.parameters())
 
     # with guidance the teacher's x₀ moves away from the fake's, and the pull is no longer zero
-    _, guided = distill.distribution_matching_loss(student, teacher, copy.deepcopy(teacher).requires_grad_(True),
-                                                   torch.optim.SGD(fake.parameters(), lr=0.0), z, _text(2, 1),
-                                                   _text(2, 2), x0, steps=2, guidance=4.0, regression=0.25,
+    agreeing = copy.deepcopy(teacher).requires_grad_(True)
+    _, guided = distill.distribution_matching_loss(student, teacher, agreeing, torch.optim.SGD(agreeing.parameters(), lr=0.0),
+                                                   z, _text(2, 1), _text(2, 2), x0, steps=2, guidance=4.0, regression=0.25,
                                                    gen=torch.Generator().manual_seed(3))
     assert guided["dmd"] > 1e-6
 
