@@ -157,6 +157,10 @@ class VideoPipeline:
         pipe = cls(transformer, vae, text_encoder, frames=index["frames"], size=index["size"], fps=index["fps"],
                    defaults=index.get("defaults"), name=index.get("name", path.name))
         pipe.path, pipe.index, pipe.decoder, pipe.prompt_reader = path, index, decoder, reader
+        if index.get("quantization") == "int8-dynamic":  # the decoder is saved in float and made int8 here
+            from .compress.quantize import decoding_module, quantize_decoder
+
+            quantize_decoder(decoding_module(pipe))
         return pipe
 
     @functools.cached_property

@@ -215,7 +215,8 @@ def _apply_distilled(pipe, arg):
 MODIFIERS: dict[str, Modifier] = {m.name: m for m in (
     Modifier("fp32", "vidiffuse's pipeline in fp32 (batched CFG, channels-last decoding)", _apply_fp32),
     Modifier("bf16", "bf16 weights, bf16 autocast", _apply_bf16, _bf16_missing),
-    Modifier("int8", "int8 weights and activations in the denoiser's linear layers (int8:weight-only: weights only)",
+    Modifier("int8", "int8 weights and activations in the denoiser's linear layers and the decoder's wide "
+             "convolutions (int8:weight-only: the denoiser's weights only)",
              _apply_int8, lambda: _module_missing("quantize", "quantize"), _check_int8_arg),
     Modifier("compile", "torch.compile on the denoiser", _apply_compile,
              lambda: _module_missing("compile", "compile_transformer")),

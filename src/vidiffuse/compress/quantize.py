@@ -1,13 +1,15 @@
 """Smaller, faster denoisers: int8 and bf16 versions of the VideoDiT, in memory and on disk.
 
-Modes (only the denoiser changes; the autoencoder is convolutional and stays fp32):
+Modes (the denoiser's weights change; the autoencoder is saved as it was):
 
 - ``int8-dynamic``: int8 weights (symmetric, one scale per output channel); each call quantizes its input
   to 8 bits (one scale per tensor) and multiplies in integers on fbgemm/oneDNN (``quantized::linear_dynamic``).
   About 2x faster per linear layer than fp32 on an AVX2 CPU; weights 4x smaller than fp32, 2x than bf16.
   The GELU after each MLP's first layer moves into that layer (`fuse_gelu`), and on oneDNN it is computed
   inside the int8 matmul (``onednn::qlinear_pointwise`` with a GELU post-op), as int8 inference engines do:
-  torch's eager tanh-GELU alone takes as long as an int8 MLP layer here.
+  torch's eager tanh-GELU alone takes as long as an int8 MLP layer here. On oneDNN the frame decoder's
+  wide convolutions go int8 too (`quantize_decoder`, made from the saved float decoder at load): decoding
+  is the one part of a video the denoiser's int8 layers leave in fp32.
 - ``int8-weight-only``: the same int8 weights, widened to the activations' float type at each call. As
   small on disk and in memory, fp32 speed: no CPU kernel here multiplies int8 weights by float
   activations faster than fp32 does.
@@ -90,11 +92,9 @@ def int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.cache
 def int8_engine() -> str:
     """oneDNN on CPUs that multiply int8 into 32-bit accumulators (AVX-512 VNNI, AMX: every CPU with native
-    bf16 has them), fbgemm's x86 path elsewhere. Measured on a 2-core AMX Xeon for 4096 x 256 -> 1024:
-    oneDNN 2.4 ms, fbgemm 4.2 ms, fp32 9.1 ms. The whole denoiser gains less, since its linear layers are a
-    third of an int8 forward (batch 16: 245 ms int8 against 288 ms fp32); with the MLPs' GELU inside oneDNN's
-    matmul, 167 ms against 323 ms (median of 15 interleaved calls each, the same VM on a busier day). Whole
-    videos, decoding included, gain 1.37x (`vidiffuse bench`, all golden prompts)."""
+    bf16 has them), fbgemm's x86 path elsewhere. Measured on a 2-core AMX Xeon for 4096 x 256 -> 1024: oneDNN
+    2.4 ms, fbgemm 4.2 ms, fp32 9.1 ms. Whole videos gain less, since the denoiser's attention and norms and
+    part of decoding stay float: 1.51x and 1.60x over fp32 in two `vidiffuse bench` runs (all golden prompts)."""
     return "onednn" if native_bf16() and "onednn" in torch.backends.quantized.supported_engines else "x86"
 
 
@@ -112,9 +112,11 @@ def _pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
 _packed_cache: dict[tuple[int, str], tuple] = {}
 
 
-def _packed_for(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str = "linear_dynamic"):
+def _packed_for(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str = "linear_dynamic",
+                conv: tuple | None = None):
     """The packed form of a layer's int8 buffers for `kernel` (``linear_dynamic``: the engine's
-    ``quantized::linear_dynamic``; ``onednn``: oneDNN's ``qlinear_pointwise``), made once and kept while the
+    ``quantized::linear_dynamic``; ``onednn``: oneDNN's ``qlinear_pointwise``; ``onednn-conv``: its
+    ``qconv2d_pointwise``, with `conv` = (stride, padding, dilation, groups)), made once and kept while the
     weight tensor lives.
 
     Keyed by the tensor's identity and the buffers' version counters, so an in-place load repacks.
@@ -126,6 +128,9 @@ def _packed_for(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
         return hit[2]
     if kernel == "onednn":
         packed = (torch.ops.onednn.qlinear_prepack(q, None), torch.zeros(len(scale), dtype=torch.long))
+    elif kernel == "onednn-conv":
+        # the input's scale is only known per call; the packed weight does not depend on the one given here
+        packed = (torch.ops.onednn.qconv_prepack(q, scale, 1.0, 0, *conv, None), torch.zeros(len(scale), dtype=torch.long))
     else:
         packed = _pack(q, scale, bias)
     _packed_cache[key] = (weakref.ref(q, lambda _, k=key: _packed_cache.pop(k, None)), versions, packed)
@@ -216,6 +221,56 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
     return model
 
 
+class Int8DynamicConv2d(nn.Module):
+    """A 2-D convolution with int8 weights (one scale per output channel) and int8 activations (quantized per
+    call, one scale per tensor) on oneDNN's ``qconv2d_pointwise``; float bias, float output."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        q, scale = int8_weight(conv.weight.flatten(1))
+        self.register_buffer("weight_int8", q.view_as(conv.weight).clone())
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+        self.conv = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _quiet_deprecation():
+            qx = torch.quantize_per_tensor_dynamic(x.float().contiguous(memory_format=torch.channels_last), torch.quint8, False)
+        packed, zero_points = _packed_for(self.weight_int8, self.weight_scale, self.bias, "onednn-conv", self.conv)
+        y = torch.ops.onednn.qconv2d_pointwise(qx.int_repr(), qx.q_scale(), qx.q_zero_point(), packed, self.weight_scale,
+                                               zero_points, self.bias, *self.conv, 1.0, 0, torch.float32, "none", [], "")
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+
+
+# Narrower convolutions gained nothing from int8 (16 frames at 64x64, 2-core AMX Xeon: 64 -> 64 channels
+# 19 ms fp32 against 11 ms int8, 32 -> 32 5.5 against 5.0 ms, 32 -> 3 3.0 against 4.0 ms)
+INT8_CONV_MIN_CHANNELS = 64
+
+
+def quantize_decoder(decoder: nn.Module) -> int:
+    """Make the frame decoder's wide convolutions int8-dynamic, in place; returns how many.
+
+    Only on oneDNN (CPUs with VNNI or AMX): fbgemm has no dynamic int8 convolution. Decoding is the part of a
+    video the denoiser's int8 layers do not touch: a seventh of an fp32 video, a fifth of an int8 one."""
+    if int8_engine() != "onednn":
+        return 0
+    convs = [(n, m) for n, m in decoder.named_modules() if type(m) is nn.Conv2d and m.groups == 1
+             and min(m.in_channels, m.out_channels) >= INT8_CONV_MIN_CHANNELS]
+    with torch.no_grad():
+        for name, conv in convs:
+            _replace(decoder, name, Int8DynamicConv2d(conv))
+    return len(convs)
+
+
+def decoding_module(pipe) -> nn.Module:
+    """What `pipe.decode` runs: its tiny decoder, else its autoencoder's decoder."""
+    return pipe.decoder if getattr(pipe, "decoder", None) is not None else pipe.vae.decoder
+
+
 class Int8WeightOnlyLinear(_Int8Linear):
     """int8 weight widened to the input's float type at each call; float matmul."""
 
@@ -254,7 +309,8 @@ def quantize(pipe_or_transformer, mode: str = "int8-dynamic"):
     """Quantize the denoiser in place (a pipeline's `transformer`, or a VideoDiT itself); returns its argument.
 
     Only `nn.Linear` layers become int8 (all but `KEEP_FLOAT`): they hold nearly all of the DiT's weights
-    and FLOPs; attention's softmax, the norms and the patch-embedding convolution stay float.
+    and FLOPs; attention's softmax, the norms and the patch-embedding convolution stay float. Given a pipeline,
+    ``int8-dynamic`` also makes its frame decoder's wide convolutions int8 (`quantize_decoder`).
     """
     check_mode(mode)
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
@@ -276,6 +332,8 @@ def quantize(pipe_or_transformer, mode: str = "int8-dynamic"):
             fuse_gelu(transformer)
     transformer.quantization = mode
     transformer.eval()
+    if mode == "int8-dynamic" and transformer is not pipe_or_transformer:
+        quantize_decoder(decoding_module(pipe_or_transformer))
     return pipe_or_transformer
 
 

@@ -48,7 +48,37 @@ def sincos_position_embedding(dim: int, grid: tuple[int, int, int]) -> torch.Ten
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    # one fused pass (x * (1 + scale) + shift took three): in eager mode on CPU the DiT's elementwise
+    # passes over its activations cost as much as its int8 matmuls
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + gate * update in one pass."""
+    return torch.addcmul(x, gate[:, None], update)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dim, with the norm reduced without materializing x². Faster than torch's CPU
+    rms_norm for the DiT's heads (16x128x4x64: 0.2-0.3 ms against 0.4-1.9 ms over several runs), and it reads
+    a strided tensor (the key half of the key/value projection) without copying it first."""
+    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
+    return x * (mean_square + eps).rsqrt().to(x.dtype) * weight.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without learned scale and shift (adaLN supplies them). It hands the kernel a unit scale
+    and a zero shift all the same: torch's CPU layer_norm took twice as long without them (0.26 ms against
+    0.12 ms for 2048 x 256). The two are not saved, so the state dict is nn.LayerNorm(elementwise_affine=False)'s."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("unit", torch.ones(dim), persistent=False)
+        self.register_buffer("zero", torch.zeros(dim), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.unit.shape, self.unit.to(x.dtype), self.zero.to(x.dtype), self.eps)
 
 
 class Attention(nn.Module):
@@ -68,11 +98,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         b, n, d = x.shape
         context = x if context is None else context
-        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        # weights cast to the activations' dtype so the fused bf16 kernel runs under autocast
-        q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), self.q_norm.eps)
-        k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), self.k_norm.eps)
+        q = self.q(x).view(b, n, self.heads, -1)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).unbind(2)
+        # normalized before the heads move to dim 1, where the last dim is contiguous
+        q = rms_norm(q, self.q_norm.weight, self.q_norm.eps).transpose(1, 2)
+        k = rms_norm(k, self.k_norm.weight, self.k_norm.eps).transpose(1, 2)
+        v = v.transpose(1, 2)
         attn_mask = None if mask is None else mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(out.transpose(1, 2).reshape(b, n, -1))
@@ -82,20 +113,20 @@ class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int, mlp_ratio: float, head_dim: int | None = None,
                  mlp_hidden_size: int | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, heads, head_dim=head_dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.cross_attn = Attention(dim, heads, context_dim, head_dim=head_dim)
-        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm3 = LayerNorm(dim)
         hidden = mlp_hidden_size or int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Linear(dim, 6 * dim)
 
     def forward(self, x, c, context, context_mask):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = gated_residual(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1)))
         x = x + self.cross_attn(self.norm2(x), context, context_mask)
-        x = x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
+        x = gated_residual(x, gate2, self.mlp(modulate(self.norm3(x), shift2, scale2)))
         return x
 
 
@@ -134,7 +165,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.context_norm = nn.LayerNorm(text_dim)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, text_dim, mlp_ratio, attention_head_dim, mlp_hidden_size)
                                     for _ in range(depth))
-        self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_out = LayerNorm(hidden_size)
         self.ada_out = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj_out = nn.Linear(hidden_size, math.prod(patch_size) * self.out_channels)
         self.gradient_checkpointing = False
@@ -195,7 +226,9 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError("this model takes no first frame (image_conditioning is off)")
         x = self.patch_embed(hidden_states)
         grid = x.shape[2:]
-        x = x.flatten(2).transpose(1, 2)
+        # contiguous once here: elementwise ops keep their input's strides, so a transposed view would carry
+        # through the residual stream and every norm and linear layer would copy it first
+        x = x.flatten(2).transpose(1, 2).contiguous()
         x = x + sincos_position_embedding(x.shape[-1], tuple(grid)).to(x)
         timestep = timestep.expand(b) if timestep.ndim == 0 or timestep.shape[0] == 1 else timestep
         c = self.time_embed(self.time_proj(timestep).to(x.dtype)) + self.pooled_embed(pooled_projections.to(x.dtype))
