@@ -246,8 +246,8 @@ class Int8DynamicConv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
 
 
-# Narrower convolutions gained nothing from int8 (16 frames at 64x64, 2-core AMX Xeon: 64 -> 64 channels
-# 19 ms fp32 against 11 ms int8, 32 -> 32 5.5 against 5.0 ms, 32 -> 3 3.0 against 4.0 ms)
+# Narrower convolutions gained little or lost (16 frames at 64x64, 2-core AMX Xeon: 64 -> 64 channels 19 ms
+# fp32 against 11 ms int8; 64 -> 32 11.7 against 11.5 ms; 32 -> 32 5.5 against 5.0 ms; 32 -> 3 3.0 against 4.0 ms)
 INT8_CONV_MIN_CHANNELS = 64
 
 
@@ -255,7 +255,8 @@ def quantize_decoder(decoder: nn.Module) -> int:
     """Make the frame decoder's wide convolutions int8-dynamic, in place; returns how many.
 
     Only on oneDNN (CPUs with VNNI or AMX): fbgemm has no dynamic int8 convolution. Decoding is the part of a
-    video the denoiser's int8 layers do not touch: a seventh of an fp32 video, a fifth of an int8 one."""
+    video the denoiser's int8 layers do not touch: about a seventh of an fp32 video's time and a quarter of an
+    int8 one's (profiled at batch 8 on the bundled model)."""
     if int8_engine() != "onednn":
         return 0
     convs = [(n, m) for n, m in decoder.named_modules() if type(m) is nn.Conv2d and m.groups == 1
