@@ -22,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from vidiffuse.compress.bench import _precision
+from vidiffuse.compress.bench import _pixel_mae, _precision
 from vidiffuse.compress.quantize import quantize
 from vidiffuse.evaluate.suite import load_golden
 from vidiffuse.files import write_atomic
@@ -89,8 +88,7 @@ def main() -> None:
     rows = []
     for mode in ("fp32", "int8"):
         before, after = (statistics.median(seconds[(code, mode)][1:]) for code in (args.against, "working tree"))
-        mae = float(np.mean([np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()
-                             for a, b in zip(frames[(args.against, mode)], frames[("working tree", mode)])]))
+        mae = _pixel_mae(frames[("working tree", mode)], frames[(args.against, mode)])
         rows.append({"mode": mode, "before_s": before, "after_s": after, "speedup": before / after, "pixel_mae": mae})
     report = {"against": args.against, "model": args.model, "prompts": len(items), "batch_size": args.batch_size,
               "timing": "median s/video over all batches but the first (warm-up), interleaved batch by batch", "rows": rows}

@@ -137,16 +137,22 @@ def _packed_for(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
     return packed
 
 
+def _uint8_activations(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """x as oneDNN's int8 kernels take it: 8-bit values (one scale and zero point for the tensor), the scale,
+    the zero point."""
+    with _quiet_deprecation():
+        qx = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
+    return qx.int_repr(), qx.q_scale(), qx.q_zero_point()
+
+
 def _linear_gelu_onednn(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None, gelu: str) -> torch.Tensor:
     """gelu(x @ W.T + b) in one oneDNN call, which applies the GELU while it writes the product: for the DiT's
     MLP (2048 x 256 -> 1024) 2.3 ms against 4.3 ms for ``linear_dynamic`` and then the GELU."""
-    with _quiet_deprecation():
-        qx = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
+    values, scale, zero_point = _uint8_activations(x)
     packed, zero_points = _packed_for(weight_int8, weight_scale, bias, "onednn")
-    y = torch.ops.onednn.qlinear_pointwise(qx.int_repr().view(-1, x.shape[-1]), qx.q_scale(), qx.q_zero_point(),
-                                           packed, weight_scale, zero_points, bias, 1.0, 0, torch.float32,
-                                           "gelu", [], gelu)
+    y = torch.ops.onednn.qlinear_pointwise(values.view(-1, x.shape[-1]), scale, zero_point, packed, weight_scale,
+                                           zero_points, bias, 1.0, 0, torch.float32, "gelu", [], gelu)
     return y.view(*x.shape[:-1], -1)
 
 
@@ -235,11 +241,10 @@ class Int8DynamicConv2d(nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _quiet_deprecation():
-            qx = torch.quantize_per_tensor_dynamic(x.float().contiguous(memory_format=torch.channels_last), torch.quint8, False)
+        values, scale, zero_point = _uint8_activations(x.float().contiguous(memory_format=torch.channels_last))
         packed, zero_points = _packed_for(self.weight_int8, self.weight_scale, self.bias, "onednn-conv", self.conv)
-        y = torch.ops.onednn.qconv2d_pointwise(qx.int_repr(), qx.q_scale(), qx.q_zero_point(), packed, self.weight_scale,
-                                               zero_points, self.bias, *self.conv, 1.0, 0, torch.float32, "none", [], "")
+        y = torch.ops.onednn.qconv2d_pointwise(values, scale, zero_point, packed, self.weight_scale, zero_points,
+                                               self.bias, *self.conv, 1.0, 0, torch.float32, "none", [], "")
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
