@@ -7,7 +7,8 @@
 
 The shipped models came from two device runs (their logs are in each model's training/ folder):
 `--student-seconds 170 --prune-seconds 170` gave shapes-pruned; `--pairs 12288 --student-seconds 45
---dmd-seconds 150 --dmd-lr 5e-5 --prune-seconds 0` gave shapes-distilled's student.
+--dmd-seconds 380 --dmd-lr 5e-5 --prune-seconds 0` gave shapes-distilled's student, the EMA half-way through
+its distribution matching (`--distilled-from OUT --half --decoder-steps 4500`).
 
 1. Teacher pairs: the teacher (the bundled `shapes` denoiser, at its defaults: UniPC, 20 steps, guidance 4)
    samples x₀ for `--pairs` seeded noises and the captions the prompt reader writes for the denoiser
@@ -149,9 +150,11 @@ def train(model, loss_fn, seconds: float, lr: float, evaluate, log: Log, name: s
     return ema, step
 
 
-def distribution_matching(student, teacher, pairs: Pairs, held, draw, gen, args, log: Log, dev):
+def distribution_matching(student, teacher, pairs: Pairs, held, draw, gen, args, log: Log, dev, out: Path):
     """`distribution_matching_loss` (DMD, as `compress/distill.py` explains) against the teacher at guidance 4,
-    with the fake velocity model starting as the teacher."""
+    with the fake velocity model starting as the teacher. The EMA half-way is kept too (`dmd-half`; the device
+    returns 64 MiB, two models): the held-out MSE to the teacher's samples cannot say which one draws shapes
+    best, so both are scored by the evaluation suite afterwards."""
     fake = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_opt = torch.optim.AdamW(fake.parameters(), lr=args.fake_lr, betas=(0.9, 0.99), weight_decay=0.0)
 
@@ -164,14 +167,19 @@ def distribution_matching(student, teacher, pairs: Pairs, held, draw, gen, args,
             log(phase="dmd", step=step, **parts)
         return loss
 
-    student, steps = train(student, loss_fn, args.dmd_seconds, args.dmd_lr,
-                           lambda m: {"sample_mse": sample_error(m, pairs, held, dev, STUDENT_STEPS, 1.0, "euler")},
-                           log, "dmd", dev, ema_decay=0.995)
+    quarters = iter(range(5))
+
+    def evaluate(model):
+        if next(quarters) == 2:
+            save_parts(model, out, "dmd-half", with_config=False)
+        return {"sample_mse": sample_error(model, pairs, held, dev, STUDENT_STEPS, 1.0, "euler")}
+
+    student, steps = train(student, loss_fn, args.dmd_seconds, args.dmd_lr, evaluate, log, "dmd", dev, ema_decay=0.995)
     log(phase="dmd", done_steps=steps, batch=args.dmd_batch)
     return student
 
 
-def save_parts(model, out: Path, name: str) -> None:
+def save_parts(model, out: Path, name: str, with_config: bool = True) -> None:
     state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     parts, part, size = [], {}, 0
     for k, v in state.items():
@@ -182,14 +190,15 @@ def save_parts(model, out: Path, name: str) -> None:
     parts.append(part)
     for i, p in enumerate(parts):
         save_file(p, out / f"{name}-{i}.safetensors")
-    (out / f"{name}.json").write_text(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}, indent=1))
+    if with_config:
+        (out / f"{name}.json").write_text(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}, indent=1))
 
 
-def load_parts(folder: Path, name: str) -> VideoDiT:
-    config = {k: v for k, v in json.loads((folder / f"{name}.json").read_text()).items() if not k.startswith("_")}
-    model = VideoDiT.from_config(config)
+def load_parts(folder: Path, name: str, config_name: str | None = None) -> VideoDiT:
+    config = json.loads((folder / f"{config_name or name}.json").read_text())
+    model = VideoDiT.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     state = {}
-    for part in sorted(folder.glob(f"{name}-*.safetensors")):
+    for part in sorted(folder.glob(f"{name}-[0-9]*.safetensors")):
         state.update(load_file(part))
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
@@ -231,10 +240,11 @@ def run_device(args) -> None:
     student, steps = train(student, reflow_loss, args.student_seconds, args.student_lr,
                            lambda m: {"sample_mse": sample_error(m, pairs, held, dev, STUDENT_STEPS, 1.0, "euler")},
                            log, "student", dev)
-    save_parts(student, out, "student")
+    if args.dmd_seconds <= 0:
+        save_parts(student, out, "student")
     log(phase="student", done_steps=steps, batch=B)
     if args.dmd_seconds > 0:
-        student = distribution_matching(student, teacher, pairs, held, draw, gen, args, log, dev)
+        student = distribution_matching(student, teacher, pairs, held, draw, gen, args, log, dev, out)
         save_parts(student, out, "dmd")
     del student
     if args.prune_seconds <= 0:
@@ -285,9 +295,10 @@ def _device_run(folder: Path) -> dict:
             "seconds": {e["phase"]: e["seconds"] for e in events if "seconds" in e}}
 
 
-def assemble_distilled(folder: Path, out: Path, decoder_steps: int) -> None:
+def assemble_distilled(folder: Path, out: Path, decoder_steps: int, half: bool) -> None:
     """The distilled model directory of a device run: its last student (after distribution matching when the run
-    did it), and a TinyDecoder trained here on clips and on that student's samples (`train_decoder`)."""
+    did it; with `half`, the one half-way through it), and a TinyDecoder trained here on clips and on that
+    student's samples (`train_decoder`)."""
     from vidiffuse.compress import distill, prune
     from vidiffuse.pipeline import VideoPipeline
 
@@ -295,9 +306,16 @@ def assemble_distilled(folder: Path, out: Path, decoder_steps: int) -> None:
     args = recipe["args"]
     pipe = VideoPipeline.from_pretrained(TEACHER)
     last = "dmd" if (folder / "dmd.json").is_file() else "student"
-    student = load_parts(folder, last)
+    steps = recipe["steps"][last]
+    if half:
+        student = load_parts(folder, "dmd-half", config_name="dmd")
+        recipe["planned_steps"] = {"dmd": steps}
+        steps = recipe["held_out_sample_mse"]["dmd"][2][0]  # the evaluations: the start, then each quarter
+        recipe["steps"]["dmd"] = steps
+    else:
+        student = load_parts(folder, last)
     run = {**distill.DEFAULT_RUN, "pairs": args["pairs"], "student_steps": STUDENT_STEPS, "seed": args["seed"],
-           "steps": recipe["steps"][last], "batch_size": args["dmd_batch" if last == "dmd" else "batch"],
+           "steps": steps, "batch_size": args["dmd_batch" if last == "dmd" else "batch"],
            "lr": args[f"{last}_lr"], "warmup": 100, "ema_decay": 0.995 if last == "dmd" else 0.999, "grid_share": 0.75,
            "decoder_steps": decoder_steps}
     work = out.with_name(out.name + ".work")
@@ -309,6 +327,8 @@ def assemble_distilled(folder: Path, out: Path, decoder_steps: int) -> None:
     shutil.copyfile(folder / "log.jsonl", log_copy)
     probe = prune.adherence_probe(distill._with_defaults(pipe, distill.student_defaults(run)))
     method = "guided rectified-flow distillation (reflow)" + (", then distribution matching (DMD)" if last == "dmd" else "")
+    if half:
+        method += f" stopped half-way ({steps} of a {recipe['planned_steps']['dmd']}-step cosine schedule)"
     record = {"format": distill.FORMAT, "method": f"{method}, on a GPU", "recipe": recipe,
               "teacher": {"name": pipe.name, "version": pipe.version,
                           **{k: pipe.defaults[k] for k in ("steps", "guidance", "sampler")}},
@@ -374,6 +394,8 @@ def main() -> None:
     parser.add_argument("--pruned-from", type=Path, help="a device run's output folder: write its pruned model")
     parser.add_argument("--distilled-out", type=Path, default=Path("runs/shapes-distilled-gpu"))
     parser.add_argument("--decoder-steps", type=int, default=3000, help="the TinyDecoder's training steps")
+    parser.add_argument("--half", action="store_true",
+                        help="with --distilled-from: the student half-way through distribution matching (dmd-half)")
     parser.add_argument("--pruned-out", type=Path, default=Path("runs/shapes-pruned-gpu"))
     parser.add_argument("--pairs", type=int, default=49152)
     parser.add_argument("--held-out", type=int, default=512)
@@ -396,7 +418,7 @@ def main() -> None:
         prompt_table(args.prompt_table, args.pairs, args.held_out, args.seed)
     elif args.distilled_from or args.pruned_from:
         if args.distilled_from:
-            assemble_distilled(args.distilled_from, args.distilled_out, args.decoder_steps)
+            assemble_distilled(args.distilled_from, args.distilled_out, args.decoder_steps, args.half)
         if args.pruned_from:
             assemble_pruned(args.pruned_from, args.pruned_out)
     elif args.out:
