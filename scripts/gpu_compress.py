@@ -8,7 +8,7 @@
 The shipped models came from two device runs (their logs are in each model's training/ folder):
 `--student-seconds 170 --prune-seconds 170` gave shapes-pruned; `--pairs 12288 --student-seconds 45
 --dmd-seconds 380 --dmd-lr 5e-5 --prune-seconds 0` gave shapes-distilled's student, the EMA half-way through
-its distribution matching (`--distilled-from OUT --half --decoder-steps 4500`).
+its distribution matching (`--distilled-from OUT --half`), chosen by `scripts/score_student.py`.
 
 1. Teacher pairs: the teacher (the bundled `shapes` denoiser, at its defaults: UniPC, 20 steps, guidance 4)
    samples x₀ for `--pairs` seeded noises and the captions the prompt reader writes for the denoiser
@@ -393,7 +393,7 @@ def main() -> None:
     parser.add_argument("--distilled-from", type=Path, help="a device run's output folder: write its distilled model")
     parser.add_argument("--pruned-from", type=Path, help="a device run's output folder: write its pruned model")
     parser.add_argument("--distilled-out", type=Path, default=Path("runs/shapes-distilled-gpu"))
-    parser.add_argument("--decoder-steps", type=int, default=3000, help="the TinyDecoder's training steps")
+    parser.add_argument("--decoder-steps", type=int, default=4500, help="the TinyDecoder's training steps")
     parser.add_argument("--half", action="store_true",
                         help="with --distilled-from: the student half-way through distribution matching (dmd-half)")
     parser.add_argument("--pruned-out", type=Path, default=Path("runs/shapes-pruned-gpu"))
