@@ -19,13 +19,12 @@ from pathlib import Path
 
 os.environ.setdefault("VIDIFFUSE_PRECISION", "fp32")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from vidiffuse.compress import distill  # noqa: E402
 from vidiffuse.data import shapes  # noqa: E402
-from vidiffuse.evaluate.suite import load_golden  # noqa: E402
+from vidiffuse.evaluate.suite import adherence, load_golden  # noqa: E402
 from vidiffuse.pipeline import VideoPipeline  # noqa: E402
 
 TEACHER = Path(__file__).resolve().parents[1] / "src" / "vidiffuse" / "weights" / "shapes"
@@ -53,11 +52,11 @@ def main() -> None:
         pipe.transformer, pipe.decoder = student, None if args.autoencoder else decoder
     videos = pipe([i.prompt for i in items], seed=[i.seed + args.seed_offset for i in items], watermark=False,
                   **settings).frames
-    hits = [[shapes.analyze_video(v)[a] == i.attributes[a] for a in shapes.ATTRIBUTES] for v, i in zip(videos, items)]
-    print({a: round(100 * float(np.mean([h[k] for h in hits])), 1) for k, a in enumerate(shapes.ATTRIBUTES)})
+    scores, hits = adherence(videos, [i.attributes for i in items])
+    print({a: round(100 * scores[f"adherence_{a}"], 1) for a in shapes.ATTRIBUTES})
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"attributes": shapes.ATTRIBUTES, "hits": hits}))
+        args.out.write_text(json.dumps({"scores": scores, "hits": hits}))
 
 
 if __name__ == "__main__":

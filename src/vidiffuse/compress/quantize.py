@@ -94,7 +94,7 @@ def int8_engine() -> str:
     """oneDNN on CPUs that multiply int8 into 32-bit accumulators (AVX-512 VNNI, AMX: every CPU with native
     bf16 has them), fbgemm's x86 path elsewhere. Measured on a 2-core AMX Xeon for 4096 x 256 -> 1024: oneDNN
     2.4 ms, fbgemm 4.2 ms, fp32 9.1 ms. Whole videos gain less, since the denoiser's attention and norms and
-    part of decoding stay float: 1.51x and 1.60x over fp32 in two `vidiffuse bench` runs (all golden prompts)."""
+    part of decoding stay float: 1.51x to 1.61x over fp32 in four `vidiffuse bench` runs (all golden prompts)."""
     return "onednn" if native_bf16() and "onednn" in torch.backends.quantized.supported_engines else "x86"
 
 
